@@ -1,0 +1,3 @@
+from keizoku.cli import main
+
+main()

@@ -1,0 +1,81 @@
+"""``keizoku inspect``: what is in a Megatron indexed dataset (or a directory of them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from keizoku.data import manifest as mf
+from keizoku.data.indexed import IndexedDatasetReader, dataset_paths
+
+
+def resolve(path: str) -> tuple[list[str], Path | None, dict]:
+    """Dataset prefixes under ``path`` (a prefix, a .bin/.idx file, or a directory) and their manifest."""
+    p = Path(path)
+    if p.suffix in (".bin", ".idx") and p.exists():
+        p = p.with_suffix("")
+    if p.is_dir():
+        prefixes = sorted(str(i.with_suffix("")) for i in p.rglob("*.idx"))
+        if not prefixes:
+            raise FileNotFoundError(f"{path}: no .idx files in this directory")
+    else:
+        if not dataset_paths(p)[1].exists():
+            raise FileNotFoundError(f"{path}: no dataset here (expected {p}.idx and {p}.bin)")
+        prefixes = [str(p)]
+    found = mf.find(p if p.is_dir() else Path(prefixes[0]))
+    return prefixes, (found[0] if found else None), (found[1] if found else {"datasets": {}})
+
+
+def manifest_entry(manifest_path: Path | None, manifest: dict, prefix: str) -> dict | None:
+    if manifest_path is None:
+        return None
+    import os
+
+    return manifest["datasets"].get(os.path.relpath(Path(prefix).absolute(), manifest_path.parent.absolute()))
+
+
+def stats(prefix: str) -> dict:
+    ds = IndexedDatasetReader(prefix)
+    lengths = ds.document_lengths()
+    out = {
+        "prefix": prefix,
+        "documents": len(ds),
+        "empty_documents": int(np.count_nonzero(lengths == 0)),
+        "tokens": int(lengths.sum()),
+        "dtype": str(ds.dtype),
+        "bin_bytes": ds.bin_path.stat().st_size,
+    }
+    if len(lengths):
+        q = np.percentile(lengths, [0, 50, 90, 99, 100])
+        out.update(mean=float(lengths.mean()), min=int(q[0]), p50=float(q[1]), p90=float(q[2]),
+                   p99=float(q[3]), max=int(q[4]))
+    out["histogram"] = histogram(lengths)
+    return out
+
+
+def histogram(lengths: np.ndarray) -> list[tuple[str, int]]:
+    """Documents per power-of-two length bucket: 0, 1, 2-3, 4-7, …"""
+    if not len(lengths):
+        return []
+    rows = [("0", int(np.count_nonzero(lengths == 0)))]
+    top = int(lengths.max())
+    lo = 1
+    while lo <= top:
+        hi = lo * 2 - 1
+        n = int(np.count_nonzero((lengths >= lo) & (lengths <= hi)))
+        rows.append((f"{lo}" if lo == hi else f"{lo}-{hi}", n))
+        lo *= 2
+    return rows if rows[0][1] else rows[1:]
+
+
+def decode(prefix: str, n: int, tokenizer: str) -> list[tuple[int, int, str]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    ds = IndexedDatasetReader(prefix)
+    out = []
+    for i in range(min(n, len(ds))):
+        ids = ds.document(i).tolist()
+        out.append((i, len(ids), tok.decode(ids, skip_special_tokens=False)))
+    return out

@@ -1,0 +1,402 @@
+"""Tokenizers for ``keizoku tokenize``: the Hugging Face tokenizer, and an exact fast path for byte-level BPE.
+
+Ids are defined as Megatron-LM's ``preprocess_data.py`` (core 0.16) computes them with
+``--tokenizer-type HuggingFaceTokenizer``: ``tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))``,
+i.e. no special tokens added by the post-processor, but special/added tokens written in the text are
+recognised. For a fast tokenizer that equals ``backend.encode(text, add_special_tokens=False).ids``.
+
+Fast path: byte-level BPE tokenizers whose merges are the rank order of their vocabulary (Llama-3,
+tiktoken-converted vocabularies, GPT-2 style ones built that way) give the same ids with tiktoken's
+rank-based BPE, which is several times faster than ``tokenizers`` on long pre-tokens (Japanese text has
+many). We take that path only when (1) the tokenizer's structure is one tiktoken reproduces (no
+normaliser or NFC, Split+ByteLevel pre-tokenizer, ``ignore_merges``, no dropout/byte fallback/affixes),
+(2) the merges are exactly what rank-based BPE does — merge priority increases with the rank of the
+merged token, and every split of a token into two vocabulary tokens is a merge — and (3) the ids agree
+with Hugging Face on a probe text and on the first documents of the input. Documents that contain the
+text of an added token (``<|eot_id|>``…) go through Hugging Face, which splits those out first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from keizoku.data.indexed import optimal_dtype
+
+# Text that exercises the pre-tokenizer: scripts, digits, contractions, whitespace runs, emoji.
+PROBE_TEXTS = [
+    "Hello, world! It's 2024-11-28; we'll see 12345 tokens.\n\n  Indented\tline\r\nend  ",
+    "日本語のテキスト（例：東京都）では、句読点。「括弧」や全角ＡＢＣ１２３も使われる。",
+    "Ｃ言語とPython3.11で書いた　全角スペース　と  半角  スペース",
+    "emoji 🤖🚀 mixed 中文 한국어 العربية русский Ελληνικά ñ é ü ß",
+    "   leading spaces and trailing newlines\n\n\n",
+    "x" * 300 + " " + "ア" * 200,
+    "I'M YOU'LL they've she'd WE'RE don't",
+    "\u3000\u3000\n\n\u00a0\u2003 mixed unicode spaces",
+]
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the manifest records about a tokenizer."""
+
+    name_or_path: str
+    class_name: str
+    vocab_size: int
+    eos_id: int | None
+    bos_id: int | None
+    fingerprint: str
+    use_fast: bool
+    backend: str  # "tiktoken" (exact fast path), "hf-fast" or "hf-slow"
+    fast_path_note: str = ""
+
+    @property
+    def dtype(self) -> np.dtype:
+        return optimal_dtype(self.vocab_size)
+
+    def to_json(self) -> dict:
+        return {
+            "name_or_path": self.name_or_path,
+            "class": self.class_name,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "bos_id": self.bos_id,
+            "fingerprint": self.fingerprint,
+            "use_fast": self.use_fast,
+            "backend": self.backend,
+            "dtype": str(self.dtype),
+        }
+
+
+@dataclass
+class EncoderSpec:
+    """Everything a worker process needs to rebuild the encoder (picklable)."""
+
+    backend: str
+    backend_json: str | None = None  # tokenizers JSON, for hf-fast and for added tokens on tiktoken
+    name_or_path: str | None = None  # for hf-slow
+    pattern: str | None = None
+    ranks: dict[bytes, int] = field(default_factory=dict)
+    nfc: bool = False
+    added_tokens: list[str] = field(default_factory=list)
+
+
+class TextEncoder:
+    """Turns a list of texts into id lists; built once per worker process."""
+
+    def __init__(self, spec: EncoderSpec, hf=None, slow=None):
+        self.spec = spec
+        self._hf = hf
+        self._slow = slow
+        self._tiktoken = None
+        self._added = None
+        self._added_prefix = ""
+        if spec.backend in ("hf-fast", "tiktoken") and hf is None:
+            from tokenizers import Tokenizer
+
+            self._hf = Tokenizer.from_str(spec.backend_json)
+        if spec.backend == "hf-slow" and slow is None:
+            from transformers import AutoTokenizer
+
+            self._slow = AutoTokenizer.from_pretrained(spec.name_or_path, use_fast=False)
+        if spec.backend == "tiktoken":
+            import tiktoken
+
+            enc = tiktoken.Encoding(
+                "keizoku-bpe", pat_str=spec.pattern, mergeable_ranks=spec.ranks, special_tokens={}
+            )
+            self._tiktoken = enc._core_bpe
+            if spec.added_tokens:
+                alternatives = sorted(spec.added_tokens, key=len, reverse=True)
+                self._added = re.compile("|".join(re.escape(t) for t in alternatives))
+                self._added_prefix = os.path.commonprefix(spec.added_tokens)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self._tiktoken is not None:
+            return [self._encode_tiktoken(t) for t in texts]
+        if self._hf is not None:
+            return self._encode_hf(texts)
+        return [self._slow.convert_tokens_to_ids(self._slow.tokenize(t)) for t in texts]
+
+    def encode_reference(self, texts: list[str]) -> list[list[int]]:
+        """Hugging Face's ids (what the fast path must reproduce)."""
+        return self._encode_hf(texts)
+
+    def _encode_hf(self, texts: list[str]) -> list[list[int]]:
+        batch = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        return [e.ids for e in batch(texts, add_special_tokens=False)]
+
+    def _encode_tiktoken(self, text: str) -> list[int]:
+        if self._added is not None and self._added_prefix in text and self._added.search(text):
+            return self._hf.encode(text, add_special_tokens=False).ids
+        if self.spec.nfc:
+            text = unicodedata.normalize("NFC", text)
+        return self._tiktoken.encode_ordinary(text)
+
+
+@dataclass
+class LoadedTokenizer:
+    """A Hugging Face tokenizer reduced to what tokenizing needs."""
+
+    name_or_path: str
+    class_name: str
+    vocab_size: int  # len(tokenizer): the vocabulary including added tokens (Megatron's vocab_size)
+    eos_id: int | None
+    bos_id: int | None
+    backend: object | None  # tokenizers.Tokenizer for fast tokenizers
+    slow: object | None = None  # the transformers tokenizer when there is no fast one
+
+
+def load_tokenizer(name_or_path: str, use_fast: bool = True) -> LoadedTokenizer:
+    """Load a tokenizer as ``AutoTokenizer.from_pretrained`` would.
+
+    A local directory whose ``tokenizer_config.json`` names the generic ``PreTrainedTokenizerFast``
+    class (Llama-3, llm-jp-3 and most converted tokenizers) is exactly its ``tokenizer.json``; we load
+    that with ``tokenizers`` directly, which skips importing transformers and torch (~4 s). Anything else
+    goes through ``AutoTokenizer``.
+    """
+    direct = _load_direct(Path(name_or_path)) if use_fast else None
+    if direct is not None:
+        return direct
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=use_fast)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; all mean "cannot load"
+        raise ValueError(f"cannot load tokenizer {name_or_path!r}: {e}") from e
+    fast = bool(getattr(tok, "is_fast", False))
+    return LoadedTokenizer(str(name_or_path), type(tok).__name__, len(tok), tok.eos_token_id, tok.bos_token_id,
+                           tok.backend_tokenizer if fast else None, None if fast else tok)
+
+
+def _load_direct(path: Path) -> LoadedTokenizer | None:
+    if not (path / "tokenizer.json").is_file() or not (path / "tokenizer_config.json").is_file():
+        return None
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except ValueError:
+        return None
+    if config.get("tokenizer_class") != "PreTrainedTokenizerFast" or config.get("auto_map"):
+        return None
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+    for tid, added in (config.get("added_tokens_decoder") or {}).items():
+        if backend.token_to_id(added.get("content", "")) != int(tid):
+            return None  # tokens added outside tokenizer.json: let transformers merge them
+    special_map = {}
+    if (path / "special_tokens_map.json").is_file():
+        special_map = json.loads((path / "special_tokens_map.json").read_text())
+
+    def token_id(name: str) -> int | None:
+        value = config.get(name, special_map.get(name))
+        if isinstance(value, dict):
+            value = value.get("content")
+        return backend.token_to_id(value) if value else None
+
+    return LoadedTokenizer(str(path), "PreTrainedTokenizerFast", backend.get_vocab_size(with_added_tokens=True),
+                           token_id("eos_token"), token_id("bos_token"), backend)
+
+
+def tokenizer_fingerprint(tok: LoadedTokenizer, backend_json: str | None) -> str:
+    """sha256 over what defines the ids: backend JSON (fast) or vocabulary (slow), and special ids."""
+    h = hashlib.sha256()
+    if backend_json is not None:
+        h.update(backend_json.encode())
+    else:
+        h.update(type(tok.slow).__name__.encode())
+        h.update(json.dumps(sorted(tok.slow.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(json.dumps([tok.bos_id, tok.eos_id, tok.vocab_size]).encode())
+    return h.hexdigest()
+
+
+def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
+            sample_texts: list[str] | None = None) -> tuple[TokenizerInfo, EncoderSpec]:
+    """Load the tokenizer, choose the backend (verifying the fast path), describe both."""
+    tok = load_tokenizer(name_or_path, use_fast=use_fast)
+    backend_json = tok.backend.to_str() if tok.backend is not None else None
+    fingerprint = tokenizer_fingerprint(tok, backend_json)
+    if tok.backend is None:
+        spec = EncoderSpec(backend="hf-slow", name_or_path=name_or_path)
+        note = "slow (Python) tokenizer"
+        encoder_for(spec, slow=tok.slow)
+    else:
+        spec = EncoderSpec(backend="hf-fast", backend_json=backend_json)
+        note = ""
+        if fast_bpe:
+            fast, note = _tiktoken_spec(backend_json, fingerprint)
+            if fast is not None:
+                encoder_for(fast, hf=tok.backend)
+                ok, why = verify(fast, PROBE_TEXTS + list(sample_texts or []))
+                if ok:
+                    spec = fast
+                else:
+                    note = f"fast BPE path disagrees with Hugging Face ({why}); using Hugging Face"
+        else:
+            note = "fast BPE path disabled (--no-fast-bpe)"
+        if spec.backend == "hf-fast":
+            encoder_for(spec, hf=tok.backend)
+    info = TokenizerInfo(
+        name_or_path=str(name_or_path),
+        class_name=tok.class_name,
+        vocab_size=tok.vocab_size,
+        eos_id=tok.eos_id,
+        bos_id=tok.bos_id,
+        fingerprint=fingerprint,
+        use_fast=tok.backend is not None,
+        backend=spec.backend,
+        fast_path_note=note,
+    )
+    return info, spec
+
+
+_LAST_ENCODER: TextEncoder | None = None
+
+
+def encoder_for(spec: EncoderSpec, hf=None, slow=None) -> TextEncoder:
+    """The encoder for ``spec``, reusing the last one built (building takes about a second).
+
+    ``hf``/``slow`` pass an already loaded tokenizer instead of rebuilding it from the spec.
+    """
+    global _LAST_ENCODER
+    if _LAST_ENCODER is None or _LAST_ENCODER.spec is not spec:
+        _LAST_ENCODER = TextEncoder(spec, hf=hf, slow=slow)
+    return _LAST_ENCODER
+
+
+def verify(spec: EncoderSpec, texts: list[str]) -> tuple[bool, str]:
+    enc = encoder_for(spec)
+    fast, ref = enc.encode(texts), enc.encode_reference(texts)
+    for i, (a, b) in enumerate(zip(fast, ref)):
+        if a != b:
+            k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return False, f"text {i}, token {k}"
+    return True, ""
+
+
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2's reversible byte <-> unicode map used by ByteLevel pre-tokenizers
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _tiktoken_spec(backend_json: str, fingerprint: str) -> tuple[EncoderSpec | None, str]:
+    """An EncoderSpec for tiktoken if this tokenizer is rank-based byte-level BPE, else (None, why)."""
+    cfg = json.loads(backend_json)
+    model = cfg.get("model") or {}
+    if model.get("type") != "BPE":
+        return None, f"model is {model.get('type')}, not byte-level BPE"
+    if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
+        return None, "BPE uses dropout, byte fallback or sub-word affixes"
+    if not model.get("ignore_merges"):
+        return None, "BPE does not set ignore_merges (tiktoken always emits whole-word vocabulary hits)"
+    norm = cfg.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":
+        return None, f"normalizer {norm.get('type')} is not supported by the fast path"
+    pattern = _byte_level_pattern(cfg.get("pre_tokenizer"))
+    if pattern is None:
+        return None, "pre-tokenizer is not Split(regex)+ByteLevel"
+    byte_of = _byte_decoder()
+    vocab: dict[str, int] = model["vocab"]
+    try:
+        ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
+    except KeyError:
+        return None, "vocabulary is not byte-level"
+    if len(ranks) != len(vocab):
+        return None, "vocabulary maps two tokens to the same bytes"
+    ok, why = _merges_are_rank_order(vocab, model.get("merges") or [], fingerprint)
+    if not ok:
+        return None, why
+    added = [t["content"] for t in cfg.get("added_tokens") or [] if t.get("content")]
+    return EncoderSpec(backend="tiktoken", backend_json=backend_json, pattern=pattern, ranks=ranks,
+                       nfc=norm is not None, added_tokens=added), "exact fast BPE path (tiktoken)"
+
+
+def _byte_level_pattern(pre) -> str | None:
+    if pre is None:
+        return None
+    if pre.get("type") == "ByteLevel":
+        return GPT2_PATTERN if pre.get("use_regex", True) and not pre.get("add_prefix_space") else None
+    if pre.get("type") != "Sequence":
+        return None
+    parts = pre.get("pretokenizers") or []
+    if len(parts) != 2:
+        return None
+    split, bl = parts
+    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
+            or "Regex" not in (split.get("pattern") or {})):
+        return None
+    if bl.get("type") != "ByteLevel" or bl.get("use_regex", True) or bl.get("add_prefix_space"):
+        return None
+    return split["pattern"]["Regex"]
+
+
+def _merges_are_rank_order(vocab: dict[str, int], merges: list, fingerprint: str) -> tuple[bool, str]:
+    """True when HF's merge-priority BPE equals tiktoken's rank-based BPE for this vocabulary.
+
+    Needs: merge priority non-decreasing in the merged token's rank, and every split of a token into
+    two vocabulary tokens listed as a merge (tiktoken merges any adjacent pair whose concatenation is
+    a token). Checked on the byte-level strings (one character per byte). The result is cached per
+    tokenizer fingerprint because the check takes a second or two on a 128k vocabulary.
+    """
+    cache = _cache_dir() / f"bpe-rank-order-{fingerprint[:32]}.json"
+    try:
+        cached = json.loads(cache.read_text())
+        return cached["ok"], cached["why"]
+    except (OSError, ValueError, KeyError):
+        pass
+    pairs = set()
+    last = -1
+    ok, why = True, ""
+    for i, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank = vocab.get(a + b)
+        if rank is None or a not in vocab or b not in vocab:
+            ok, why = False, f"merge {i} ({a!r}, {b!r}) is not between vocabulary tokens"
+            break
+        if rank < last:
+            ok, why = False, f"merge {i} is out of rank order"
+            break
+        last = rank
+        pairs.add((a, b))
+    if ok:
+        for tok in vocab:
+            for k in range(1, len(tok)):
+                left = tok[:k]
+                if left in vocab and tok[k:] in vocab and (left, tok[k:]) not in pairs:
+                    ok, why = False, f"token {tok!r} splits into vocabulary tokens that are not a merge"
+                    break
+            if not ok:
+                break
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"ok": ok, "why": why}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return ok, why
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("KEIZOKU_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keizoku")
+    return Path(base)

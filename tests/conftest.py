@@ -1,0 +1,82 @@
+"""Shared fixtures: real tokenizers and data, all from the repository (no hub, no ../shared)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).parent / "assets"
+PACKAGE_ASSETS = ROOT / "src" / "keizoku" / "assets"
+JA_SAMPLE = PACKAGE_ASSETS / "data" / "ja_sample.jsonl.gz"
+EN_SAMPLE = PACKAGE_ASSETS / "data" / "en_sample.jsonl.gz"
+SAMPLE_TOKENIZER = PACKAGE_ASSETS / "tokenizer"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["KEIZOKU_CACHE"] = str(tmp_path_factory.mktemp("keizoku-cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The Llama-3.1 (byte-level BPE) and llm-jp-3 (unigram) tokenizers, unpacked, plus the bundled one."""
+    out = {"sample": SAMPLE_TOKENIZER}
+    base = tmp_path_factory.mktemp("tokenizers")
+    for name in ("llama3.1", "llm-jp-3"):
+        dest = base / name
+        shutil.copytree(ASSETS / "tokenizers" / name, dest)
+        with gzip.open(dest / "tokenizer.json.gz", "rb") as src, open(dest / "tokenizer.json", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        (dest / "tokenizer.json.gz").unlink()
+        out[name] = dest
+    return out
+
+
+def read_texts(path: Path, key: str = "text") -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)[key] for line in f]
+
+
+@pytest.fixture(scope="session")
+def ja_texts() -> list[str]:
+    return read_texts(JA_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def en_texts() -> list[str]:
+    return read_texts(EN_SAMPLE)
+
+
+def write_jsonl(path: Path, rows: list, raw_lines: list[bytes] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)
+    if raw_lines:
+        data += b"".join(raw_lines)
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif path.name.endswith(".zst"):
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def keizoku(*args: str, cwd: Path | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "keizoku", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"keizoku {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

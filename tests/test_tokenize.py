@@ -1,0 +1,230 @@
+"""`keizoku tokenize`: byte-compatibility with Megatron-LM's preprocess_data.py, formats, workers, resume."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from conftest import EN_SAMPLE, JA_SAMPLE, keizoku, read_texts, write_jsonl
+from keizoku.data.indexed import IndexedDatasetReader, optimal_dtype
+
+
+def megatron_reference(texts: list[str], tokenizer_dir: Path, prefix: Path, append_eod=True, add_bos=False):
+    """What preprocess_data.py (core 0.16, HuggingFaceTokenizer) writes: its Encoder.encode + builder."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False)  # Megatron 0.16's default
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=optimal_dtype(len(tok)).type)
+    for text in texts:
+        ids = ([tok.bos_token_id] if add_bos else []) + tok.convert_tokens_to_ids(tok.tokenize(text))
+        lens = [len(ids)] if ids else []
+        if ids and append_eod:
+            ids.append(tok.eos_token_id)
+            lens[-1] += 1
+        builder.add_document(ids, lens)
+    builder.finalize(str(prefix) + ".idx")
+
+
+def assert_same_dataset(a: Path, b: Path) -> None:
+    assert Path(f"{a}.bin").read_bytes() == Path(f"{b}.bin").read_bytes(), f"{a}.bin differs from {b}.bin"
+    assert Path(f"{a}.idx").read_bytes() == Path(f"{b}.idx").read_bytes(), f"{a}.idx differs from {b}.idx"
+
+
+@pytest.mark.parametrize("name", ["llama3.1", "llm-jp-3", "sample"])
+def test_byte_identical_to_preprocess_data(tmp_path, tokenizer_dirs, ja_texts, en_texts, name):
+    # Japanese and English documents, plus the edge cases: an empty document and special-token text
+    texts = ja_texts[:150] + en_texts[:150] + ["", "text with <|end_of_text|> and <s> in it", "  "]
+    src = write_jsonl(tmp_path / "in.jsonl.gz", [{"text": t} for t in texts])
+    keizoku("tokenize", src, "--tokenizer", tokenizer_dirs[name], "--output-prefix", tmp_path / "k/ds", "-q")
+    megatron_reference(texts, tokenizer_dirs[name], tmp_path / "ref")
+    assert_same_dataset(tmp_path / "k/ds_text_document", tmp_path / "ref")
+
+    ds = IndexedDataset(str(tmp_path / "k/ds_text_document"))  # megatron-core reads it back
+    assert ds.index.dtype == optimal_dtype({"sample": 8002, "llama3.1": 128256, "llm-jp-3": 98452}[name]).type
+    assert len(ds.document_indices) == len(texts) + 1
+    entry = json.loads((tmp_path / "k/keizoku-manifest.json").read_text())["datasets"]["ds_text_document"]
+    assert entry["documents"] == len(texts) and entry["empty_documents"] == 1
+    assert entry["tokenizer"]["backend"] == ("hf-fast" if name == "llm-jp-3" else "tiktoken")
+
+
+def test_add_bos_and_no_eod(tmp_path, tokenizer_dirs, ja_texts):
+    texts = ja_texts[:20] + [""]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    keizoku("tokenize", src, "-t", tokenizer_dirs["llama3.1"], "--output-prefix", tmp_path / "bos", "--add-bos", "-q")
+    megatron_reference(texts, tokenizer_dirs["llama3.1"], tmp_path / "ref_bos", add_bos=True)
+    assert_same_dataset(tmp_path / "bos_text_document", tmp_path / "ref_bos")
+    last = IndexedDatasetReader(tmp_path / "bos_text_document").document(len(texts) - 1).tolist()
+    assert last == [128000, 128001]  # core >= 0.17 writes [BOS, EOD] for an empty document too
+
+    keizoku("tokenize", src, "-t", tokenizer_dirs["llama3.1"], "--output-prefix", tmp_path / "noeod",
+            "--no-append-eod", "-q")
+    megatron_reference(texts, tokenizer_dirs["llama3.1"], tmp_path / "ref_noeod", append_eod=False)
+    assert_same_dataset(tmp_path / "noeod_text_document", tmp_path / "ref_noeod")
+
+
+def test_decode_round_trip(tmp_path, tokenizer_dirs, ja_texts):
+    from transformers import AutoTokenizer
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in ja_texts[:50]])
+    keizoku("tokenize", src, "-t", tokenizer_dirs["llama3.1"], "--output-dir", tmp_path / "out", "-q")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dirs["llama3.1"]))
+    ds = IndexedDatasetReader(tmp_path / "out/in_text_document")
+    for i in range(50):
+        ids = ds.document(i).tolist()
+        assert ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[:-1]) == ja_texts[i]
+
+
+def test_formats_give_identical_output(tmp_path, tokenizer_dirs, ja_texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": t, "id": i} for i, t in enumerate(ja_texts[:80])]
+    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst"):
+        write_jsonl(tmp_path / "in" / name, rows)
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), tmp_path / "in" / "d.parquet", row_group_size=25)
+    keizoku("tokenize", tmp_path / "in", "-t", tokenizer_dirs["sample"], "--output-dir", tmp_path / "out", "-q")
+    for stem in ("b", "c", "d"):
+        assert_same_dataset(tmp_path / f"out/{stem}_text_document", tmp_path / "out/a_text_document")
+    manifest = json.loads((tmp_path / "out/keizoku-manifest.json").read_text())
+    assert sorted(manifest["datasets"]) == [f"{s}_text_document" for s in "abcd"]
+    a = manifest["datasets"]["a_text_document"]
+    assert a["documents"] == 80 and a["tokens"] > 80 and a["dtype"] == "uint16"
+    assert a["inputs"][0]["size"] == (tmp_path / "in/a.jsonl").stat().st_size
+    assert len(a["inputs"][0]["sha256"]) == 64 and a["tokenizer"]["vocab_size"] == 8002
+
+
+def test_workers_equal_single_worker(tmp_path, tokenizer_dirs, ja_texts, en_texts):
+    rows = [{"text": t} for t in ja_texts + en_texts]
+    src = write_jsonl(tmp_path / "in.jsonl.gz", rows)
+    for w in (1, 2):
+        keizoku("tokenize", src, "-t", tokenizer_dirs["llama3.1"], "--output-prefix", tmp_path / f"w{w}",
+                "--workers", w, "--chunk-mb", "0.05", "-q")  # ~45 chunks: many in flight, reordering possible
+    assert_same_dataset(tmp_path / "w1_text_document", tmp_path / "w2_text_document")
+
+
+def test_prefix_mode_merges_inputs_in_order_and_multiple_keys(tmp_path, tokenizer_dirs):
+    write_jsonl(tmp_path / "x.jsonl", [{"text": "first file", "title": "T1"}, {"text": "two", "title": "T2"}])
+    write_jsonl(tmp_path / "y.jsonl", [{"text": "second file", "title": "T3"}])
+    keizoku("tokenize", tmp_path / "y.jsonl", tmp_path / "x.jsonl", "-t", tokenizer_dirs["sample"],
+            "--output-prefix", tmp_path / "out/m", "-k", "text", "-k", "title", "-q")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dirs["sample"]))
+    for key, expected in (("text", ["second file", "first file", "two"]), ("title", ["T3", "T1", "T2"])):
+        ds = IndexedDatasetReader(tmp_path / f"out/m_{key}_document")
+        assert [tok.decode(ds.document(i).tolist()[:-1]) for i in range(len(ds))] == expected
+
+
+def test_directory_mode_resume_after_failure(tmp_path, tokenizer_dirs, ja_texts):
+    """A run that dies part-way keeps finished datasets; the rerun does only the rest."""
+    data = tmp_path / "data"
+    write_jsonl(data / "a.jsonl", [{"text": t} for t in ja_texts[:30]])
+    write_jsonl(data / "sub" / "b.jsonl", [{"text": t} for t in ja_texts[30:60]], raw_lines=[b'{"text": broken\n'])
+    write_jsonl(data / "sub" / "c.jsonl.gz", [{"text": t} for t in ja_texts[60:90]])
+    out = tmp_path / "out"
+    proc = keizoku("tokenize", data, "-t", tokenizer_dirs["sample"], "-o", out, "-j", "1", "-q", check=False)
+    assert proc.returncode == 1
+    assert f"{data / 'sub' / 'b.jsonl'}:31: malformed JSON" in proc.stderr
+    assert (out / "a_text_document.idx").exists()
+    assert not (out / "sub/b_text_document.idx").exists() and not (out / "sub/b_text_document.bin").exists()
+    assert not list(out.rglob("*.tmp"))
+    manifest = json.loads((out / "keizoku-manifest.json").read_text())
+    assert list(manifest["datasets"]) == ["a_text_document"]
+    a_mtime = (out / "a_text_document.bin").stat().st_mtime_ns
+
+    write_jsonl(data / "sub" / "b.jsonl", [{"text": t} for t in ja_texts[30:60]])  # fix the input
+    proc = keizoku("tokenize", data, "-t", tokenizer_dirs["sample"], "-o", out)
+    assert "1 of 3 datasets are complete and up to date" in proc.stderr
+    assert (out / "a_text_document.bin").stat().st_mtime_ns == a_mtime  # not redone
+    manifest = json.loads((out / "keizoku-manifest.json").read_text())
+    assert sorted(manifest["datasets"]) == ["a_text_document", "sub/b_text_document", "sub/c_text_document"]
+
+    proc = keizoku("tokenize", data, "-t", tokenizer_dirs["sample"], "-o", out)
+    assert "3 of 3 datasets are complete and up to date" in proc.stderr
+    os.utime(data / "a.jsonl")  # touched but unchanged: the sha256 says it is still up to date
+    proc = keizoku("tokenize", data, "-t", tokenizer_dirs["sample"], "-o", out)
+    assert "3 of 3 datasets" in proc.stderr
+    write_jsonl(data / "a.jsonl", [{"text": t} for t in ja_texts[:31]])  # changed input: redone
+    proc = keizoku("tokenize", data, "-t", tokenizer_dirs["sample"], "-o", out)
+    assert "2 of 3 datasets" in proc.stderr
+    proc = keizoku("tokenize", data, "-t", tokenizer_dirs["sample"], "-o", out, "--force")
+    assert "up to date" not in proc.stderr
+    proc = keizoku("tokenize", data, "-t", tokenizer_dirs["sample"], "-o", out, "--add-bos")  # other flags: redo
+    assert "up to date" not in proc.stderr
+
+
+def test_killed_run_leaves_no_complete_looking_output(tmp_path, tokenizer_dirs):
+    """SIGKILL mid-run: no .bin/.idx under final names, no manifest entry; the rerun completes."""
+    lines = gzip.open(JA_SAMPLE, "rb").read()
+    src = tmp_path / "big.jsonl"
+    src.write_bytes(lines * 12)  # ~15 MB: several seconds of work on one worker
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "keizoku", "tokenize", str(src), "-t", str(tokenizer_dirs["llama3.1"]),
+            "-o", str(out), "-j", "1", "-q", "--chunk-mb", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "big_text_document.bin.tmp").exists() or (out / "big_text_document.bin.tmp").stat().st_size == 0:
+        assert time.time() < deadline and proc.poll() is None, "tokenize finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "big_text_document.bin").exists() and not (out / "big_text_document.idx").exists()
+    assert not (out / "keizoku-manifest.json").exists()
+    keizoku("tokenize", src, "-t", tokenizer_dirs["llama3.1"], "-o", out, "-q")
+    assert len(IndexedDataset(str(out / "big_text_document")).document_indices) == 397 * 12 + 1
+
+
+def test_fast_bpe_path_equals_hf_on_samples(tokenizer_dirs, ja_texts, en_texts):
+    from keizoku.data.tokenizer import TextEncoder, prepare
+
+    texts = ja_texts + en_texts + ["<|begin_of_text|>x<|eot_id|> y", "a<|end_of_text|>"]
+    info, spec = prepare(str(tokenizer_dirs["llama3.1"]))
+    assert info.backend == "tiktoken"
+    enc = TextEncoder(spec)
+    assert enc.encode(texts) == enc.encode_reference(texts)
+    assert enc.encode(["a<|end_of_text|>"])[0][-1] == 128001  # special tokens in text are recognised
+
+
+def test_fallback_when_merges_are_not_rank_ordered(tmp_path, tokenizer_dirs, ja_texts):
+    """A BPE trained by `tokenizers` (merge order != rank order) must not take the tiktoken path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(ja_texts, trainers.BpeTrainer(vocab_size=3000, special_tokens=["</s>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                         show_progress=False))
+    d = tmp_path / "tok"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                         "eos_token": "</s>"}))
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in ja_texts[:40]])
+    keizoku("tokenize", src, "-t", d, "--output-prefix", tmp_path / "o", "-q")
+    entry = json.loads((tmp_path / "keizoku-manifest.json").read_text())["datasets"]["o_text_document"]
+    assert entry["tokenizer"]["backend"] == "hf-fast"
+    megatron_reference(ja_texts[:40], d, tmp_path / "ref")
+    assert_same_dataset(tmp_path / "o_text_document", tmp_path / "ref")
+
+
+def test_direct_loader_matches_autotokenizer(tokenizer_dirs):
+    from transformers import AutoTokenizer
+
+    from keizoku.data.tokenizer import load_tokenizer
+
+    for name, d in tokenizer_dirs.items():
+        ours, hf = load_tokenizer(str(d)), AutoTokenizer.from_pretrained(str(d))
+        assert ours.backend is not None, name
+        assert (ours.vocab_size, ours.eos_id, ours.bos_id) == (len(hf), hf.eos_token_id, hf.bos_token_id), name
