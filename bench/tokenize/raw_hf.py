@@ -8,8 +8,9 @@ tokenizers' own (Rayon) thread pool. The number of threads is set by the environ
 ``RAYON_NUM_THREADS``, read once when the pool starts; bench.py sets it to the worker count (and
 ``TOKENIZERS_PARALLELISM=true``).
 
-Prints one JSON object on stdout: documents, tokens (without EOD), bytes read, and the seconds spent
-loading the tokenizer, reading + parsing, encoding, and in total (from just after the imports).
+Prints one JSON object on stdout: documents (all, and those with at least one token: the ones Megatron
+gives an EOD), tokens (without EOD), bytes read, and the seconds spent loading the tokenizer, reading +
+parsing + encoding, encoding alone, and in total (from just after the imports).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
     t_loaded = time.perf_counter()
 
-    docs = tokens = nbytes = 0
+    docs = nonempty_docs = tokens = nbytes = 0
     encode_s = 0.0
     batches = read_batches(args.corpus, args.key, args.batch_size)
     for texts, batch_bytes in batches:
@@ -61,12 +62,15 @@ def main() -> None:
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
         encode_s += time.perf_counter() - t
         docs += len(texts)
-        tokens += sum(len(e.ids) for e in encodings)
+        lengths = [len(e) for e in encodings]
+        tokens += sum(lengths)
+        nonempty_docs += sum(1 for n in lengths if n)
         nbytes += batch_bytes
     t_end = time.perf_counter()
 
     print(json.dumps({
         "docs": docs,
+        "nonempty_docs": nonempty_docs,
         "tokens": tokens,
         "bytes": nbytes,
         "rayon_threads": os.environ.get("RAYON_NUM_THREADS"),

@@ -136,8 +136,9 @@ class JsonlReader:
     def _blocks(self) -> Iterator[bytes]:
         """Decompressed data; raises EOFError/OSError/zlib.error when the stream is cut or corrupt."""
         if self._kind == "gzip":
+            # small reads: a cut-off stream raises on the read that hits the cut, losing only that read
             stream = gzip.GzipFile(fileobj=self._raw, mode="rb")
-            while block := stream.read(self.chunk_bytes):
+            while block := stream.read(1 << 16):
                 yield block
         elif self._kind == "zstd":
             yield from self._zstd_blocks()
@@ -171,28 +172,33 @@ class JsonlReader:
 
     def __iter__(self) -> Iterator[Chunk]:
         line = 1
-        carry = b""
+        pending: list[bytes] = []  # decompressed blocks not yet handed out
+        size = 0
         blocks = self._blocks()
         try:
             while True:
                 try:
                     block = next(blocks, b"")
                 except (EOFError, OSError, zlib.error) as e:
-                    yield self._truncated(carry, line, e)
+                    yield self._truncated(b"".join(pending), line, e)
                     return
-                if not block:
-                    if carry:
-                        yield Chunk(first_line=line, data=carry, disk_pos=self._raw.pos)
-                    return
-                data = carry + block if carry else block
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    carry = data
+                if block:
+                    pending.append(block)
+                    size += len(block)
+                    if size < self.chunk_bytes:
+                        continue
+                data = b"".join(pending)
+                cut = data.rfind(b"\n") + 1 if block else len(data)
+                if cut == 0:  # one line longer than a chunk: keep reading
+                    pending, size = [data], len(data)
                     continue
-                carry = data[cut:]
-                data = data[:cut]
-                yield Chunk(first_line=line, data=data, disk_pos=self._raw.pos)
-                line += data.count(b"\n")
+                rest = data[cut:]
+                pending, size = ([rest], len(rest)) if rest else ([], 0)
+                if cut:
+                    yield Chunk(first_line=line, data=data[:cut], disk_pos=self._raw.pos)
+                    line += data.count(b"\n", 0, cut)
+                if not block:
+                    return
         finally:
             self._raw.f.close()
 
