@@ -314,11 +314,11 @@ def _tiktoken_spec(backend_json: str, fingerprint: str) -> tuple[EncoderSpec | N
     pattern = _byte_level_pattern(cfg.get("pre_tokenizer"))
     if pattern is None:
         return None, "pre-tokenizer is not Split(regex)+ByteLevel"
-    byte_of = _byte_decoder()
+    to_latin1 = str.maketrans({c: chr(b) for c, b in _byte_decoder().items()})
     vocab: dict[str, int] = model["vocab"]
     try:
-        ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
-    except KeyError:
+        ranks = {tok.translate(to_latin1).encode("latin-1"): i for tok, i in vocab.items()}
+    except UnicodeEncodeError:
         return None, "vocabulary is not byte-level"
     if len(ranks) != len(vocab):
         return None, "vocabulary maps two tokens to the same bytes"
