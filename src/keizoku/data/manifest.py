@@ -53,6 +53,23 @@ def save(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def update(path: Path, entries: dict[str, dict]) -> dict:
+    """Add or replace entries under an exclusive lock, re-reading the file first.
+
+    Several runs may write into one directory at once (one job per shard of a corpus); each keeps the
+    others' entries.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load(path)
+        data["datasets"].update(entries)
+        save(path, data)
+    return data
+
+
 def find(prefix_or_dir: Path) -> tuple[Path, dict] | None:
     """The manifest that lists a dataset prefix (or the one in a directory), if any."""
     path = prefix_or_dir / MANIFEST_NAME if prefix_or_dir.is_dir() else prefix_or_dir.parent / MANIFEST_NAME

@@ -91,6 +91,10 @@ class Chunk:
     disk_pos: int = 0  # bytes of the file on disk consumed so far (for progress)
     truncated: str | None = None  # set on the last chunk of a file that ended early
 
+    def without_payload(self) -> "Chunk":
+        """The same chunk minus its data, to keep in a queue once the data has been parsed."""
+        return Chunk(self.first_line, rows=self.rows, disk_pos=self.disk_pos, truncated=self.truncated)
+
 
 class _HashingReader(io.RawIOBase):
     """Wraps a binary file, hashing every byte read from disk (the input fingerprint)."""

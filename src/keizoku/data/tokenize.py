@@ -100,15 +100,6 @@ def _init_worker(spec: EncoderSpec) -> None:
     _ENCODER = encoder_for(spec)  # a forked worker inherits the parent's; a spawned one builds it
 
 
-@dataclass
-class ChunkResult:
-    tokens: dict[str, np.ndarray]
-    lengths: dict[str, np.ndarray]
-    text_bytes: int
-    skipped: list[tuple[int, str]]
-    error: tuple[int, str] | None = None
-
-
 def _describe(value) -> str:
     return {dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number"}.get(
         type(value), type(value).__name__)
@@ -200,22 +191,30 @@ def _parse_batch(batch, first_row: int, keys: list[str], skip: bool):
     return rows, skipped, None
 
 
-def tokenize_chunk(chunk: Chunk, keys: list[str], skip: bool, dtype: np.dtype,
-                   bos: int | None, eod: int | None) -> ChunkResult:
-    """Parse and tokenize one chunk (runs in a worker process)."""
+@dataclass
+class ParsedChunk:
+    """A chunk after parsing (in the main process): the texts per key, what was skipped, the first error."""
+
+    texts: list[list[str]]  # one list per key
+    text_bytes: int
+    skipped: list[tuple[int, str]]
+    error: tuple[int, str] | None
+
+
+def parse_chunk(chunk: Chunk, keys: list[str], skip: bool) -> ParsedChunk:
     if chunk.batch is not None:
         rows, skipped, error = _parse_batch(chunk.batch, chunk.first_line, keys, skip)
         text_bytes = chunk.batch.nbytes
     else:
         rows, skipped, error = _parse_jsonl(chunk.data, chunk.first_line, keys, skip)
         text_bytes = len(chunk.data)
-    if error is not None:
-        return ChunkResult({}, {}, text_bytes, skipped, error)
-    tokens, lengths = {}, {}
-    for k, key in enumerate(keys):
-        ids = _ENCODER.encode([r[k] for r in rows])
-        tokens[key], lengths[key] = _pack(ids, dtype, bos, eod)
-    return ChunkResult(tokens, lengths, text_bytes, skipped)
+    return ParsedChunk([[r[k] for r in rows] for k in range(len(keys))], text_bytes, skipped, error)
+
+
+def encode_texts(texts: list[list[str]], dtype: np.dtype, bos: int | None,
+                 eod: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize one chunk's texts (in a worker process): (ids, per-document lengths) per key."""
+    return [_pack(_ENCODER.encode(key_texts), dtype, bos, eod) for key_texts in texts]
 
 
 def _pack(ids: list[list[int]], dtype: np.dtype, bos: int | None, eod: int | None):
@@ -233,10 +232,6 @@ def _pack(ids: list[list[int]], dtype: np.dtype, bos: int | None, eod: int | Non
                 n += 1
         lengths[i] = n
     return np.fromiter(flat, dtype=dtype, count=len(flat)), lengths
-
-
-def _run_chunk(args) -> ChunkResult:
-    return tokenize_chunk(*args)
 
 
 # ---------------------------------------------------------------- main side
@@ -309,13 +304,19 @@ def _sample_texts(inputs: list[InputFile], keys: list[str], limit: int = 256 << 
 
 
 class _Progress:
-    """Live progress over input bytes on disk, with docs/s, MB/s (bytes read) and tokens/s."""
+    """Progress over input bytes on disk, with docs/s, MB/s (bytes read) and tokens/s.
 
-    def __init__(self, total_bytes: int, console, enabled: bool):
-        self.enabled = enabled
+    A live bar on a terminal; in a batch job's log, a plain line every ``log_every`` seconds.
+    """
+
+    def __init__(self, total_bytes: int, console, live: bool, log=None, log_every: float = 30.0):
+        self.enabled = live
+        self.total = max(total_bytes, 1)
+        self.done = 0
         self.docs = self.tokens = self.text_bytes = 0
-        self.start = time.perf_counter()
-        if not enabled:
+        self.start = self._last_log = time.perf_counter()
+        self._log, self._log_every = log, log_every
+        if not live:
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -330,12 +331,19 @@ class _Progress:
         self.docs += docs
         self.tokens += tokens
         self.text_bytes += text_bytes
-        if not self.enabled:
-            return
-        dt = max(time.perf_counter() - self.start, 1e-9)
+        self.done += disk_bytes
+        now = time.perf_counter()
+        dt = max(now - self.start, 1e-9)
         rates = (f"{self.docs / dt:,.0f} docs/s  {self.text_bytes / dt / 1e6:,.2f} MB/s  "
                  f"{self.tokens / dt / 1e6:,.2f}M tok/s")
-        self._p.update(self._task, advance=disk_bytes, description=name[-40:], rates=rates)
+        if self.enabled:
+            self._p.update(self._task, advance=disk_bytes, description=name[-40:], rates=rates)
+        elif self._log is not None and now - self._last_log >= self._log_every:
+            self._last_log = now
+            frac = self.done / self.total
+            eta = dt * (1 - frac) / frac if frac > 0 else float("nan")
+            self._log(f"{100 * frac:5.1f}%  {self.docs:,} docs  {self.tokens:,} tokens  {rates}  "
+                      f"ETA {eta:,.0f} s  ({name})")
 
     def stop(self) -> None:
         if self.enabled:
@@ -350,6 +358,7 @@ def default_workers() -> int:
 
 
 def run(opts: TokenizeOptions, console=None, progress: bool = True, log=print) -> RunResult:
+    """Tokenize ``opts.inputs``; ``progress`` shows a live bar (else ``log`` gets a line every 30 s)."""
     t0 = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
     if opts.on_error not in ("stop", "skip"):
@@ -391,15 +400,17 @@ def run(opts: TokenizeOptions, console=None, progress: bool = True, log=print) -
         log(f"{len(groups) - len(pending)} of {len(groups)} datasets are complete and up to date; "
             "skipping them (--force redoes them)")
 
+    # N worker processes tokenize; this process reads, parses JSON and writes (as preprocess_data.py's
+    # main process reads and writes around its N workers)
     workers = opts.workers or default_workers()
     global _ENCODER
-    _ENCODER = encoder_for(spec)
+    _ENCODER = encoder_for(spec)  # forked workers inherit it; spawned ones build it in _init_worker
     pool = None
-    if workers > 1 and pending:
+    if pending:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,))
     total_disk = sum(f.path.stat().st_size for g in pending for f in g.inputs)
-    bar = _Progress(total_disk, console, progress)
+    bar = _Progress(total_disk, console, live=progress, log=log)
     try:
         for res in _process(pending, opts, info, spec, dtype=info.dtype, bos=bos, eod=eod, pool=pool,
                             workers=workers, manifest=manifest, manifest_path=manifest_path, flags=flags,
@@ -444,12 +455,13 @@ def _process(groups, opts, info, spec, *, dtype, bos, eod, pool, workers, manife
     skip = opts.on_error == "skip"
     keys = opts.text_keys
     states: dict[int, _GroupState] = {}
-    queue: deque[tuple[tuple, Future | ChunkResult | None]] = deque()
+    # (event, parsed chunk, future of its ids) in input order; handled strictly from the left
+    queue: deque[tuple[tuple, ParsedChunk | None, Future | None]] = deque()
     window = 2 * workers + 1
     in_flight = 0
     last_pos: dict[Path, int] = {}
 
-    def handle(ev, result):
+    def handle(ev, parsed, future):
         kind, gi = ev[0], ev[1]
         if kind == "group_start":
             g = groups[gi]
@@ -459,32 +471,33 @@ def _process(groups, opts, info, spec, *, dtype, bos, eod, pool, workers, manife
         st = states[gi]
         if kind == "chunk":
             f, chunk = ev[2], ev[3]
-            res = result.result() if isinstance(result, Future) else result
-            for line, reason in res.skipped:
+            for line, reason in parsed.skipped:
                 _note_skip(st, f.path, line, reason)
-            if res.error is not None:
-                raise TokenizeError(f"{f.path}:{res.error[0]}: {res.error[1]}")
+            if parsed.error is not None:
+                raise TokenizeError(f"{f.path}:{parsed.error[0]}: {parsed.error[1]}")
             if chunk.truncated:
                 if not skip:
                     raise TokenizeError(f"{f.path}: {chunk.truncated}")
                 _note_skip(st, f.path, None, chunk.truncated)
-            for k in keys:
-                st.writers[k].add_chunk(res.tokens[k], res.lengths[k])
-            st.input_bytes += res.text_bytes
+            encoded = future.result()
+            for k, (tokens, lengths) in zip(keys, encoded):
+                st.writers[k].add_chunk(tokens, lengths)
+            st.input_bytes += parsed.text_bytes
             prev = last_pos.get(f.path, 0)
             last_pos[f.path] = chunk.disk_pos
-            n_docs = len(res.lengths[keys[0]])
-            bar.update(f.name, chunk.disk_pos - prev, n_docs, sum(len(res.tokens[k]) for k in keys), res.text_bytes)
+            bar.update(f.name, chunk.disk_pos - prev, len(encoded[0][1]), sum(len(t) for t, _ in encoded),
+                       parsed.text_bytes)
             return None
         if kind == "input_done":
             st.inputs.append(ev[2])
             return None
         # group_done: finalize files, then record them
-        out = []
+        out, new_entries = [], []
         seconds = time.perf_counter() - st.start
         for k, w in st.writers.items():
             w.finalize()
             rel = os.path.relpath(w.prefix, manifest_path.parent)
+            new_entries.append(rel)
             bin_path, idx_path = dataset_paths(w.prefix)
             manifest["datasets"][rel] = {
                 "key": k,
@@ -506,27 +519,29 @@ def _process(groups, opts, info, spec, *, dtype, bos, eod, pool, workers, manife
             }
             out.append(DatasetResult(st.group.name, k, w.prefix, w.documents, w.tokens, st.input_bytes,
                                      seconds, st.skipped_count))
-        mf.save(manifest_path, manifest)
+        mf.update(manifest_path, {e: manifest["datasets"][e] for e in new_entries})
         del states[gi]
         return out
 
     def drain_one():
         nonlocal in_flight
-        ev, result = queue.popleft()
-        if ev[0] == "chunk":
+        ev, parsed, future = queue.popleft()
+        if future is not None:
             in_flight -= 1
-        return handle(ev, result)
+        return handle(ev, parsed, future)
 
     try:
         for ev in _events(groups, opts):
+            parsed = future = None
             if ev[0] == "chunk":
-                args = (ev[3], keys, skip, dtype, bos, eod)
-                result = pool.submit(_run_chunk, args) if pool is not None else _run_chunk(args)
+                # parse here (cheap, and errors keep their order); tokenize in a worker
+                parsed = parse_chunk(ev[3], keys, skip)
+                chunk_texts = [] if parsed.error else parsed.texts
+                future = pool.submit(encode_texts, chunk_texts, dtype, bos, eod)
                 in_flight += 1
-            else:
-                result = None
-            queue.append((ev, result))
-            while queue and (in_flight > window or queue[0][0][0] != "chunk" or pool is None):
+                ev = (*ev[:3], ev[3].without_payload())
+            queue.append((ev, parsed, future))
+            while queue and (in_flight > window or queue[0][2] is None):
                 done = drain_one()
                 if done:
                     yield from done
@@ -538,9 +553,9 @@ def _process(groups, opts, info, spec, *, dtype, bos, eod, pool, workers, manife
         for st in states.values():
             for w in st.writers.values():
                 w.abort()
-        for _, result in queue:
-            if isinstance(result, Future):
-                result.cancel()
+        for _, _, future in queue:
+            if future is not None:
+                future.cancel()
         raise
 
 
