@@ -190,11 +190,53 @@ def test_fast_bpe_path_equals_hf_on_samples(tokenizer_dirs, ja_texts, en_texts):
     from keizoku.data.tokenizer import TextEncoder, prepare
 
     texts = ja_texts + en_texts + ["<|begin_of_text|>x<|eot_id|> y", "a<|end_of_text|>"]
-    info, spec = prepare(str(tokenizer_dirs["llama3.1"]))
-    assert info.backend == "tiktoken"
-    enc = TextEncoder(spec)
+    prep = prepare(str(tokenizer_dirs["llama3.1"]))
+    assert prep.info.backend == "tiktoken" and prep.fallback is None
+    enc = TextEncoder(prep.spec)
+    assert enc.engine.startswith("keizoku._bpe")  # the C extension is built by the dev install
     assert enc.encode(texts) == enc.encode_reference(texts)
     assert enc.encode(["a<|end_of_text|>"])[0][-1] == 128001  # special tokens in text are recognised
+
+
+def _random_texts(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["'s", "'T", "'re", "'VE", "'m", "'ll", "'D", "'x", "'", "ſ", "'ſ", " ", "  ", "\t", "\n", "\r\n",
+              "\n\n  ", " \n", "\u3000", "\u00a0", "\u2028", "\x85", "\x1c", "123", "4567", "١٢٣", "½", "Ⅻ", "①",
+              "hello", "World", "日本語", "カタカナ", "ｶﾀｶﾅ", "한국어", "Ελλάδα", "é", "e\u0301", "ﬁ", "🤖", "👍🏽",
+              "!", "?!", "...", "「", "」", "、", "。", "(", "-", "_", "$", "\u0378", "\U000e0001", "\ue000",
+              "<|", "|>", "<|end_of_text|>", "\x00", "\x7f", "\ufeff", "\U0001F600"]
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+def test_c_bpe_equals_hf_on_random_text(tokenizer_dirs):
+    """The C pre-tokenizer + BPE against Hugging Face on adversarial mixtures of every character class."""
+    from keizoku.data.tokenizer import TextEncoder, prepare
+
+    prep = prepare(str(tokenizer_dirs["llama3.1"]))
+    enc = TextEncoder(prep.spec)
+    texts = _random_texts(4000, seed=1)
+    assert enc.encode(texts) == enc.encode_reference(texts)
+    for seed in (2, 3):  # the packed path (what tokenize uses) too, with BOS and EOD
+        texts = _random_texts(1000, seed)
+        tokens, lengths = enc.encode_pack(texts, np.dtype(np.int32), 128000, 128001)
+        ref = [[128000] + ids + [128001] for ids in enc.encode_reference(texts)]
+        assert tokens.tolist() == [t for r in ref for t in r] and lengths.tolist() == [len(r) for r in ref]
+
+
+def test_c_bpe_character_classes_match_hf(tokenizer_dirs):
+    """Every assigned code point, in contexts that exercise each alternative of the Llama-3 pattern."""
+    import unicodedata
+
+    from keizoku.data.tokenizer import TextEncoder, prepare
+
+    enc = TextEncoder(prepare(str(tokenizer_dirs["llama3.1"])).spec)
+    chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs")]
+    texts = ["".join(f"a{c}b {c}1{c}\n{c}  {c}!" for c in chars[i:i + 64]) for i in range(0, len(chars), 64)]
+    ours, ref = enc.encode(texts), enc.encode_reference(texts)
+    bad = [i for i, (a, b) in enumerate(zip(ours, ref)) if a != b]
+    assert not bad, f"{len(bad)} batches differ, first around {chars[bad[0] * 64]!r}"
 
 
 def test_fallback_when_merges_are_not_rank_ordered(tmp_path, tokenizer_dirs, ja_texts):
@@ -226,5 +268,5 @@ def test_direct_loader_matches_autotokenizer(tokenizer_dirs):
 
     for name, d in tokenizer_dirs.items():
         ours, hf = load_tokenizer(str(d)), AutoTokenizer.from_pretrained(str(d))
-        assert ours.backend is not None, name
+        assert ours.backend_json is not None and ours.class_name == "PreTrainedTokenizerFast", name
         assert (ours.vocab_size, ours.eos_id, ours.bos_id) == (len(hf), hf.eos_token_id, hf.bos_token_id), name

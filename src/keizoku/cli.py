@@ -99,6 +99,9 @@ def tokenize(
 
         keizoku tokenize data/ja/ --tokenizer meta-llama/Llama-3.1-8B --output-dir tokenized/ja
     """
+    import os
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
     from keizoku.data.readers import InputError
     from keizoku.data.tokenize import TokenizeError, TokenizeOptions, run, summarize
 

@@ -15,6 +15,7 @@ stored as a document with no tokens.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import multiprocessing
@@ -34,7 +35,7 @@ from keizoku import __version__
 from keizoku.data import manifest as mf
 from keizoku.data.indexed import IndexedDatasetWriter, dataset_paths
 from keizoku.data.readers import Chunk, InputError, InputFile, JsonlReader, ParquetReader, discover
-from keizoku.data.tokenizer import EncoderSpec, TextEncoder, TokenizerInfo, encoder_for, prepare
+from keizoku.data.tokenizer import EncoderSpec, TextEncoder, TokenizerInfo, check_fast_path, encoder_for, prepare
 
 MAX_SKIP_EXAMPLES = 100
 
@@ -120,6 +121,14 @@ def _parse_line(line: bytes, keys: list[str]) -> tuple[tuple[str, ...] | None, s
             obj = json.loads(line)
         except ValueError as e2:
             return None, f"malformed JSON: {e2}" if str(e2) else f"malformed JSON: {e}"
+        texts, reason = _texts(obj, keys)
+        if reason is None:  # orjson only yields valid str; json can yield lone surrogates (\ud800 escapes)
+            reason = _check_text(texts, keys)
+        return (None, reason) if reason else (texts, None)
+    return _texts(obj, keys)
+
+
+def _texts(obj, keys: list[str]) -> tuple[tuple[str, ...] | None, str | None]:
     if not isinstance(obj, dict):
         return None, f"not a JSON object: found {_describe(obj)}"
     texts = []
@@ -151,8 +160,6 @@ def _parse_jsonl(data: bytes, first_line: int, keys: list[str], skip: bool):
         lines.pop()
     for i, line in enumerate(lines):
         texts, reason = _parse_line(line, keys)
-        if reason is None and not _ascii_or_orjson(line):
-            reason = _check_text(texts, keys)
         if reason is not None:
             if not skip:
                 return rows, skipped, (first_line + i, reason)
@@ -160,11 +167,6 @@ def _parse_jsonl(data: bytes, first_line: int, keys: list[str], skip: bool):
             continue
         rows.append(texts)
     return rows, skipped, None
-
-
-def _ascii_or_orjson(line: bytes) -> bool:
-    # orjson only ever yields valid str; the json fallback can yield lone surrogates (from \ud800 escapes)
-    return b"\\ud" not in line and b"\\uD" not in line
 
 
 def _parse_batch(batch, first_row: int, keys: list[str], skip: bool):
@@ -214,24 +216,7 @@ def parse_chunk(chunk: Chunk, keys: list[str], skip: bool) -> ParsedChunk:
 def encode_texts(texts: list[list[str]], dtype: np.dtype, bos: int | None,
                  eod: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Tokenize one chunk's texts (in a worker process): (ids, per-document lengths) per key."""
-    return [_pack(_ENCODER.encode(key_texts), dtype, bos, eod) for key_texts in texts]
-
-
-def _pack(ids: list[list[int]], dtype: np.dtype, bos: int | None, eod: int | None):
-    flat: list[int] = []
-    lengths = np.empty(len(ids), dtype=np.int32)
-    for i, doc in enumerate(ids):
-        n = len(doc)
-        if bos is not None:
-            flat.append(bos)
-            n += 1
-        if n:
-            flat.extend(doc)
-            if eod is not None:
-                flat.append(eod)
-                n += 1
-        lengths[i] = n
-    return np.fromiter(flat, dtype=dtype, count=len(flat)), lengths
+    return [_ENCODER.encode_pack(key_texts, dtype, bos, eod) for key_texts in texts]
 
 
 # ---------------------------------------------------------------- main side
@@ -370,8 +355,10 @@ def run(opts: TokenizeOptions, console=None, progress: bool = True, log=print) -
     manifest = mf.load(manifest_path)
     manifest_dir = manifest_path.parent
 
-    info, spec = prepare(opts.tokenizer, use_fast=opts.use_fast, fast_bpe=opts.fast_bpe,
-                         sample_texts=_sample_texts(inputs, opts.text_keys))
+    sample = _sample_texts(inputs, opts.text_keys)
+    prep = prepare(opts.tokenizer, use_fast=opts.use_fast, fast_bpe=opts.fast_bpe, sample_texts=sample,
+                   defer_check=True)
+    info = prep.info
     log(f"tokenizer {info.name_or_path}: {info.class_name}, vocab {info.vocab_size:,}, dtype {info.dtype}, "
         f"backend {info.backend}" + (f" ({info.fast_path_note})" if info.fast_path_note else ""))
     eod = bos = None
@@ -400,29 +387,57 @@ def run(opts: TokenizeOptions, console=None, progress: bool = True, log=print) -
         log(f"{len(groups) - len(pending)} of {len(groups)} datasets are complete and up to date; "
             "skipping them (--force redoes them)")
 
-    # N worker processes tokenize; this process reads, parses JSON and writes (as preprocess_data.py's
-    # main process reads and writes around its N workers)
-    workers = opts.workers or default_workers()
-    global _ENCODER
-    _ENCODER = encoder_for(spec)  # forked workers inherit it; spawned ones build it in _init_worker
-    pool = None
     if pending:
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,))
-    total_disk = sum(f.path.stat().st_size for g in pending for f in g.inputs)
-    bar = _Progress(total_disk, console, live=progress, log=log)
-    try:
-        for res in _process(pending, opts, info, spec, dtype=info.dtype, bos=bos, eod=eod, pool=pool,
-                            workers=workers, manifest=manifest, manifest_path=manifest_path, flags=flags,
-                            bar=bar):
-            results.append(res)
-    finally:
-        bar.stop()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        gc.freeze()  # the tokenizer's large tables: keep the collector from walking them again and again
+        job = dict(opts=opts, dtype=info.dtype, bos=bos, eod=eod, workers=opts.workers or default_workers(),
+                   manifest=manifest, manifest_path=manifest_path, flags=flags, console=console,
+                   progress=progress, log=log, sample=sample)
+        try:
+            results += _tokenize_groups(pending, prep, **job)
+        except _FastPathRejected as e:
+            prep = prep.rejected(str(e))
+            info = prep.info
+            log(f"tokenizer: {info.fast_path_note}; starting again")
+            results += _tokenize_groups(pending, prep, **job)
     order = {(g.name, k): i for i, g in enumerate(groups) for k in opts.text_keys}
     results.sort(key=lambda r: order[(r.name, r.key)])
     return RunResult(results, info, time.perf_counter() - t0, manifest_path)
+
+
+class _FastPathRejected(Exception):
+    """The deferred check found that the fast BPE path would not give Hugging Face's ids."""
+
+
+def _tokenize_groups(groups, prep, *, opts, dtype, bos, eod, workers, manifest, manifest_path, flags,
+                     console, progress, log, sample) -> list[DatasetResult]:
+    """Tokenize with N worker processes; this process reads, parses JSON and writes (as
+    preprocess_data.py's main process reads and writes around its N workers)."""
+    global _ENCODER
+    _ENCODER = encoder_for(prep.spec)  # forked workers inherit it; spawned ones build it in _init_worker
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    # one worker: tokenize here, no inter-process traffic at all
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(prep.spec,)) \
+        if workers > 1 else None
+    # an unverified fast path is checked in another process while tokenizing starts; nothing is
+    # published (renamed into place, entered in the manifest) before the check has passed
+    checker = pool or (ProcessPoolExecutor(1, mp_context=ctx) if prep.fallback else None)
+    check = checker.submit(check_fast_path, prep.spec, sample, prep.info.fingerprint) if prep.fallback else None
+
+    def before_publish() -> None:
+        if check is not None:
+            ok, why = check.result()
+            if not ok:
+                raise _FastPathRejected(why)
+
+    bar = _Progress(sum(f.path.stat().st_size for g in groups for f in g.inputs), console, live=progress, log=log)
+    try:
+        return list(_process(groups, opts, prep.info, dtype=dtype, bos=bos, eod=eod, pool=pool, workers=workers,
+                             manifest=manifest, manifest_path=manifest_path, flags=flags, bar=bar,
+                             before_publish=before_publish))
+    finally:
+        bar.stop()
+        for executor in {pool, checker} - {None}:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -451,7 +466,8 @@ def _events(groups: list[DatasetGroup], opts: TokenizeOptions) -> Iterator[tuple
         yield ("group_done", gi)
 
 
-def _process(groups, opts, info, spec, *, dtype, bos, eod, pool, workers, manifest, manifest_path, flags, bar):
+def _process(groups, opts, info, *, dtype, bos, eod, pool, workers, manifest, manifest_path, flags, bar,
+             before_publish):
     skip = opts.on_error == "skip"
     keys = opts.text_keys
     states: dict[int, _GroupState] = {}
@@ -492,6 +508,7 @@ def _process(groups, opts, info, spec, *, dtype, bos, eod, pool, workers, manife
             st.inputs.append(ev[2])
             return None
         # group_done: finalize files, then record them
+        before_publish()
         out, new_entries = [], []
         seconds = time.perf_counter() - st.start
         for k, w in st.writers.items():
@@ -537,7 +554,11 @@ def _process(groups, opts, info, spec, *, dtype, bos, eod, pool, workers, manife
                 # parse here (cheap, and errors keep their order); tokenize in a worker
                 parsed = parse_chunk(ev[3], keys, skip)
                 chunk_texts = [] if parsed.error else parsed.texts
-                future = pool.submit(encode_texts, chunk_texts, dtype, bos, eod)
+                if pool is not None:
+                    future = pool.submit(encode_texts, chunk_texts, dtype, bos, eod)
+                else:
+                    future = Future()
+                    future.set_result(encode_texts(chunk_texts, dtype, bos, eod))
                 in_flight += 1
                 ev = (*ev[:3], ev[3].without_payload())
             queue.append((ev, parsed, future))

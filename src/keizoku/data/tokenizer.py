@@ -43,6 +43,45 @@ PROBE_TEXTS = [
 ]
 
 
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Unicode White_Space (what \s matches in Oniguruma and in Rust's regex)
+WHITE_SPACE = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
+               0x205F, 0x3000]
+
+
+def unicode_classes() -> bytes:
+    """Per code point: 1 letter (L*), 2 number (N*), 4 White_Space, 8 CR/LF, 16 unassigned (Cn/Cs).
+
+    Input of the C pre-tokenizer (keizoku._bpe); built from Python's unicodedata, cached on disk.
+    """
+    path = _cache_dir() / f"unicode-classes-{unicodedata.unidata_version}.bin"
+    try:
+        data = path.read_bytes()
+        if len(data) == 0x110000:
+            return data
+    except OSError:
+        pass
+    table = bytearray(0x110000)
+    category = unicodedata.category
+    for cp in range(0x110000):
+        c = category(chr(cp))
+        table[cp] = 1 if c[0] == "L" else 2 if c[0] == "N" else 16 if c in ("Cn", "Cs") else 0
+    for cp in WHITE_SPACE:
+        table[cp] |= 4
+    table[0x0A] |= 8
+    table[0x0D] |= 8
+    data = bytes(table)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return data
+
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     """What the manifest records about a tokenizer."""
@@ -96,12 +135,9 @@ class TextEncoder:
         self._hf = hf
         self._slow = slow
         self._tiktoken = None
+        self._c = None
         self._added = None
         self._added_prefix = ""
-        if spec.backend in ("hf-fast", "tiktoken") and hf is None:
-            from tokenizers import Tokenizer
-
-            self._hf = Tokenizer.from_str(spec.backend_json)
         if spec.backend == "hf-slow" and slow is None:
             from transformers import AutoTokenizer
 
@@ -117,25 +153,54 @@ class TextEncoder:
                 alternatives = sorted(spec.added_tokens, key=len, reverse=True)
                 self._added = re.compile("|".join(re.escape(t) for t in alternatives))
                 self._added_prefix = os.path.commonprefix(spec.added_tokens)
+            self._c = _c_encoder(spec, self._added_prefix)
+
+    @property
+    def engine(self) -> str:
+        """What actually encodes: keizoku._bpe (C), tiktoken, tokenizers or transformers."""
+        if self._c is not None:
+            return "keizoku._bpe (C; tiktoken for the rest)"
+        return {"tiktoken": "tiktoken", "hf-fast": "tokenizers", "hf-slow": "transformers"}[self.spec.backend]
+
+    def encode_pack(self, texts: list[str], dtype: np.dtype, bos: int | None,
+                    eod: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """All documents' ids concatenated, and each document's length (Megatron's document rule:
+        [bos] + ids, then eod when that is non-empty)."""
+        if self._c is not None:
+            ids, lengths = self._c.encode_pack(texts, -1 if bos is None else bos, -1 if eod is None else eod,
+                                               self._encode_tiktoken)
+            return np.frombuffer(ids, dtype=np.uint32).astype(dtype), np.frombuffer(lengths, dtype=np.int32)
+        return pack(self.encode(texts), dtype, bos, eod)
+
+    @property
+    def hf(self):
+        """The Rust tokenizer, built on first use (the tiktoken path needs it only for added-token text)."""
+        if self._hf is None:
+            from tokenizers import Tokenizer
+
+            self._hf = Tokenizer.from_str(self.spec.backend_json)
+        return self._hf
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        if self._c is not None:
+            return [ids if (ids := self._c.encode(t)) is not None else self._encode_tiktoken(t) for t in texts]
         if self._tiktoken is not None:
             return [self._encode_tiktoken(t) for t in texts]
-        if self._hf is not None:
-            return self._encode_hf(texts)
-        return [self._slow.convert_tokens_to_ids(self._slow.tokenize(t)) for t in texts]
+        if self._slow is not None:
+            return [self._slow.convert_tokens_to_ids(self._slow.tokenize(t)) for t in texts]
+        return self._encode_hf(texts)
 
     def encode_reference(self, texts: list[str]) -> list[list[int]]:
         """Hugging Face's ids (what the fast path must reproduce)."""
         return self._encode_hf(texts)
 
     def _encode_hf(self, texts: list[str]) -> list[list[int]]:
-        batch = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        batch = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
         return [e.ids for e in batch(texts, add_special_tokens=False)]
 
     def _encode_tiktoken(self, text: str) -> list[int]:
         if self._added is not None and self._added_prefix in text and self._added.search(text):
-            return self._hf.encode(text, add_special_tokens=False).ids
+            return self.hf.encode(text, add_special_tokens=False).ids
         if self.spec.nfc:
             text = unicodedata.normalize("NFC", text)
         return self._tiktoken.encode_ordinary(text)
@@ -150,17 +215,48 @@ class LoadedTokenizer:
     vocab_size: int  # len(tokenizer): the vocabulary including added tokens (Megatron's vocab_size)
     eos_id: int | None
     bos_id: int | None
-    backend: object | None  # tokenizers.Tokenizer for fast tokenizers
+    backend_json: str | None  # the fast tokenizer's tokenizers JSON; None for a slow tokenizer
     slow: object | None = None  # the transformers tokenizer when there is no fast one
+    backend_cfg: dict | None = None  # backend_json parsed, when it already was
+
+
+def pack(ids: list[list[int]], dtype: np.dtype, bos: int | None, eod: int | None) -> tuple[np.ndarray, np.ndarray]:
+    flat: list[int] = []
+    lengths = np.empty(len(ids), dtype=np.int32)
+    for i, doc in enumerate(ids):
+        n = len(doc)
+        if bos is not None:
+            flat.append(bos)
+            n += 1
+        if n:
+            flat.extend(doc)
+            if eod is not None:
+                flat.append(eod)
+                n += 1
+        lengths[i] = n
+    return np.fromiter(flat, dtype=dtype, count=len(flat)), lengths
+
+
+def _c_encoder(spec: EncoderSpec, added_prefix: str):
+    """keizoku._bpe for the Llama-3 pattern, when the extension is built; None otherwise."""
+    if spec.pattern != LLAMA3_PATTERN or spec.nfc or (spec.added_tokens and not added_prefix):
+        return None
+    if os.environ.get("KEIZOKU_NO_C_BPE"):
+        return None
+    try:
+        from keizoku import _bpe
+    except ImportError:
+        return None
+    return _bpe.Encoder(spec.ranks, unicode_classes(), added_prefix.encode())
 
 
 def load_tokenizer(name_or_path: str, use_fast: bool = True) -> LoadedTokenizer:
     """Load a tokenizer as ``AutoTokenizer.from_pretrained`` would.
 
     A local directory whose ``tokenizer_config.json`` names the generic ``PreTrainedTokenizerFast``
-    class (Llama-3, llm-jp-3 and most converted tokenizers) is exactly its ``tokenizer.json``; we load
-    that with ``tokenizers`` directly, which skips importing transformers and torch (~4 s). Anything else
-    goes through ``AutoTokenizer``.
+    class (Llama-3, llm-jp-3 and most converted tokenizers) is exactly its ``tokenizer.json``; we read
+    that file directly, which skips importing transformers and torch (~4 s) and building the Rust
+    tokenizer (~0.6 s) until something needs it. Anything else goes through ``AutoTokenizer``.
     """
     direct = _load_direct(Path(name_or_path)) if use_fast else None
     if direct is not None:
@@ -173,7 +269,7 @@ def load_tokenizer(name_or_path: str, use_fast: bool = True) -> LoadedTokenizer:
         raise ValueError(f"cannot load tokenizer {name_or_path!r}: {e}") from e
     fast = bool(getattr(tok, "is_fast", False))
     return LoadedTokenizer(str(name_or_path), type(tok).__name__, len(tok), tok.eos_token_id, tok.bos_token_id,
-                           tok.backend_tokenizer if fast else None, None if fast else tok)
+                           tok.backend_tokenizer.to_str() if fast else None, None if fast else tok)
 
 
 def _load_direct(path: Path) -> LoadedTokenizer | None:
@@ -181,15 +277,17 @@ def _load_direct(path: Path) -> LoadedTokenizer | None:
         return None
     try:
         config = json.loads((path / "tokenizer_config.json").read_text())
+        text = (path / "tokenizer.json").read_text(encoding="utf-8")
+        cfg = json.loads(text)
     except ValueError:
         return None
     if config.get("tokenizer_class") != "PreTrainedTokenizerFast" or config.get("auto_map"):
         return None
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+    vocab = _token_ids(cfg)
+    if vocab is None:
+        return None
     for tid, added in (config.get("added_tokens_decoder") or {}).items():
-        if backend.token_to_id(added.get("content", "")) != int(tid):
+        if vocab.get(added.get("content", "")) != int(tid):
             return None  # tokens added outside tokenizer.json: let transformers merge them
     special_map = {}
     if (path / "special_tokens_map.json").is_file():
@@ -199,17 +297,32 @@ def _load_direct(path: Path) -> LoadedTokenizer | None:
         value = config.get(name, special_map.get(name))
         if isinstance(value, dict):
             value = value.get("content")
-        return backend.token_to_id(value) if value else None
+        return vocab.get(value) if value else None
 
-    return LoadedTokenizer(str(path), "PreTrainedTokenizerFast", backend.get_vocab_size(with_added_tokens=True),
-                           token_id("eos_token"), token_id("bos_token"), backend)
+    return LoadedTokenizer(str(path), "PreTrainedTokenizerFast", len(vocab), token_id("eos_token"),
+                           token_id("bos_token"), text, backend_cfg=cfg)
 
 
-def tokenizer_fingerprint(tok: LoadedTokenizer, backend_json: str | None) -> str:
-    """sha256 over what defines the ids: backend JSON (fast) or vocabulary (slow), and special ids."""
+def _token_ids(cfg: dict) -> dict[str, int] | None:
+    """token -> id over the model vocabulary and the added tokens, as ``Tokenizer.get_vocab(True)``."""
+    model = cfg.get("model") or {}
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        ids = dict(vocab)
+    elif isinstance(vocab, list) and model.get("type") == "Unigram":
+        ids = {piece: i for i, (piece, _score) in enumerate(vocab)}
+    else:
+        return None
+    for t in cfg.get("added_tokens") or []:
+        ids[t["content"]] = t["id"]
+    return ids
+
+
+def tokenizer_fingerprint(tok: LoadedTokenizer) -> str:
+    """sha256 over what defines the ids: the tokenizers JSON (fast) or vocabulary (slow), and special ids."""
     h = hashlib.sha256()
-    if backend_json is not None:
-        h.update(backend_json.encode())
+    if tok.backend_json is not None:
+        h.update(tok.backend_json.encode())
     else:
         h.update(type(tok.slow).__name__.encode())
         h.update(json.dumps(sorted(tok.slow.get_vocab().items()), ensure_ascii=False).encode())
@@ -217,32 +330,51 @@ def tokenizer_fingerprint(tok: LoadedTokenizer, backend_json: str | None) -> str
     return h.hexdigest()
 
 
+@dataclass
+class Prepared:
+    """The tokenizer, the encoder to use, and — while the fast path is not yet verified — the fallback."""
+
+    info: TokenizerInfo
+    spec: EncoderSpec
+    fallback: EncoderSpec | None = None  # set when ``spec`` (tiktoken) still awaits check_fast_path()
+
+    def rejected(self, why: str) -> "Prepared":
+        """The Hugging Face path, after check_fast_path() said no."""
+        from dataclasses import replace
+
+        note = f"fast BPE path disagrees with Hugging Face ({why}); using Hugging Face"
+        return Prepared(replace(self.info, backend=self.fallback.backend, fast_path_note=note), self.fallback)
+
+
 def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
-            sample_texts: list[str] | None = None) -> tuple[TokenizerInfo, EncoderSpec]:
-    """Load the tokenizer, choose the backend (verifying the fast path), describe both."""
+            sample_texts: list[str] | None = None, defer_check: bool = False) -> Prepared:
+    """Load the tokenizer and choose the encoder.
+
+    The fast path is taken only once ``check_fast_path`` agrees. With ``defer_check`` that check is left
+    to the caller (``keizoku tokenize`` runs it in a worker while the others start tokenizing, and
+    publishes nothing before it passes); ``Prepared.fallback`` is then the encoder to use if it fails.
+    """
     tok = load_tokenizer(name_or_path, use_fast=use_fast)
-    backend_json = tok.backend.to_str() if tok.backend is not None else None
-    fingerprint = tokenizer_fingerprint(tok, backend_json)
-    if tok.backend is None:
-        spec = EncoderSpec(backend="hf-slow", name_or_path=name_or_path)
-        note = "slow (Python) tokenizer"
+    fingerprint = tokenizer_fingerprint(tok)
+    fallback = None
+    if tok.backend_json is None:
+        spec, note = EncoderSpec(backend="hf-slow", name_or_path=name_or_path), "slow (Python) tokenizer"
         encoder_for(spec, slow=tok.slow)
     else:
-        spec = EncoderSpec(backend="hf-fast", backend_json=backend_json)
-        note = ""
-        if fast_bpe:
-            fast, note = _tiktoken_spec(backend_json, fingerprint)
-            if fast is not None:
-                encoder_for(fast, hf=tok.backend)
-                ok, why = verify(fast, PROBE_TEXTS + list(sample_texts or []))
-                if ok:
-                    spec = fast
-                else:
-                    note = f"fast BPE path disagrees with Hugging Face ({why}); using Hugging Face"
-        else:
+        spec, note = EncoderSpec(backend="hf-fast", backend_json=tok.backend_json), ""
+        if not fast_bpe:
             note = "fast BPE path disabled (--no-fast-bpe)"
-        if spec.backend == "hf-fast":
-            encoder_for(spec, hf=tok.backend)
+        else:
+            fast, note = _tiktoken_spec(tok.backend_json, tok.backend_cfg)
+            if fast is not None:
+                if defer_check:
+                    spec, fallback = fast, spec
+                else:
+                    ok, why = check_fast_path(fast, sample_texts or [], fingerprint)
+                    if ok:
+                        spec = fast
+                    else:
+                        note = f"fast BPE path disagrees with Hugging Face ({why}); using Hugging Face"
     info = TokenizerInfo(
         name_or_path=str(name_or_path),
         class_name=tok.class_name,
@@ -250,11 +382,19 @@ def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
         eos_id=tok.eos_id,
         bos_id=tok.bos_id,
         fingerprint=fingerprint,
-        use_fast=tok.backend is not None,
+        use_fast=tok.backend_json is not None,
         backend=spec.backend,
         fast_path_note=note,
     )
-    return info, spec
+    return Prepared(info, spec, fallback)
+
+
+def check_fast_path(spec: EncoderSpec, sample_texts: list[str], fingerprint: str) -> tuple[bool, str]:
+    """Whether the tiktoken encoder gives Hugging Face's ids: merge order, then a probe and sample texts."""
+    ok, why = _merges_are_rank_order(spec.backend_json, fingerprint)
+    if not ok:
+        return False, why
+    return verify(spec, PROBE_TEXTS + list(sample_texts))
 
 
 _LAST_ENCODER: TextEncoder | None = None
@@ -297,9 +437,9 @@ def _byte_decoder() -> dict[str, int]:
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def _tiktoken_spec(backend_json: str, fingerprint: str) -> tuple[EncoderSpec | None, str]:
-    """An EncoderSpec for tiktoken if this tokenizer is rank-based byte-level BPE, else (None, why)."""
-    cfg = json.loads(backend_json)
+def _tiktoken_spec(backend_json: str, cfg: dict | None = None) -> tuple[EncoderSpec | None, str]:
+    """An EncoderSpec for tiktoken if this tokenizer is byte-level BPE of a shape tiktoken reproduces."""
+    cfg = cfg if cfg is not None else json.loads(backend_json)
     model = cfg.get("model") or {}
     if model.get("type") != "BPE":
         return None, f"model is {model.get('type')}, not byte-level BPE"
@@ -322,9 +462,6 @@ def _tiktoken_spec(backend_json: str, fingerprint: str) -> tuple[EncoderSpec | N
         return None, "vocabulary is not byte-level"
     if len(ranks) != len(vocab):
         return None, "vocabulary maps two tokens to the same bytes"
-    ok, why = _merges_are_rank_order(vocab, model.get("merges") or [], fingerprint)
-    if not ok:
-        return None, why
     added = [t["content"] for t in cfg.get("added_tokens") or [] if t.get("content")]
     return EncoderSpec(backend="tiktoken", backend_json=backend_json, pattern=pattern, ranks=ranks,
                        nfc=norm is not None, added_tokens=added), "exact fast BPE path (tiktoken)"
@@ -349,7 +486,7 @@ def _byte_level_pattern(pre) -> str | None:
     return split["pattern"]["Regex"]
 
 
-def _merges_are_rank_order(vocab: dict[str, int], merges: list, fingerprint: str) -> tuple[bool, str]:
+def _merges_are_rank_order(backend_json: str, fingerprint: str) -> tuple[bool, str]:
     """True when HF's merge-priority BPE equals tiktoken's rank-based BPE for this vocabulary.
 
     Needs: merge priority non-decreasing in the merged token's rank, and every split of a token into
@@ -363,6 +500,8 @@ def _merges_are_rank_order(vocab: dict[str, int], merges: list, fingerprint: str
         return cached["ok"], cached["why"]
     except (OSError, ValueError, KeyError):
         pass
+    model = json.loads(backend_json)["model"]
+    vocab, merges = model["vocab"], model.get("merges") or []
     pairs = set()
     last = -1
     ok, why = True, ""
