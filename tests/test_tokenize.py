@@ -270,3 +270,16 @@ def test_direct_loader_matches_autotokenizer(tokenizer_dirs):
         ours, hf = load_tokenizer(str(d)), AutoTokenizer.from_pretrained(str(d))
         assert ours.backend_json is not None and ours.class_name == "PreTrainedTokenizerFast", name
         assert (ours.vocab_size, ours.eos_id, ours.bos_id) == (len(hf), hf.eos_token_id, hf.bos_token_id), name
+
+
+def test_concurrent_runs_share_one_manifest(tmp_path, tokenizer_dirs, ja_texts):
+    """Two jobs writing different shards into one directory (one job per shard) keep each other's entries."""
+    for i in range(4):
+        write_jsonl(tmp_path / f"in/shard{i}.jsonl", [{"text": t} for t in ja_texts[i * 50:(i + 1) * 50]])
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "keizoku", "tokenize", *[str(tmp_path / f"in/shard{i}.jsonl")
+                               for i in shards], "-t", str(tokenizer_dirs["sample"]), "-o", str(out), "-j", "1", "-q"])
+             for shards in ((0, 2), (1, 3))]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    manifest = json.loads((out / "keizoku-manifest.json").read_text())
+    assert sorted(manifest["datasets"]) == [f"shard{i}_text_document" for i in range(4)]

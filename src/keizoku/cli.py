@@ -76,8 +76,9 @@ def tokenize(
         "including [BOS, EOD] for an empty document.")] = False,
     use_fast: Annotated[bool, typer.Option(help="Load the fast (Rust) Hugging Face tokenizer.")] = True,
     fast_bpe: Annotated[bool, typer.Option(
-        help="Use the exact tiktoken path for byte-level BPE tokenizers (Llama-3 and the like) when it is "
-        "verified to give Hugging Face's ids; falls back to Hugging Face otherwise.")] = True,
+        help="For byte-level BPE tokenizers whose merges follow vocabulary rank (Llama-3 and the like), use "
+        "keizoku's exact fast BPE (C for the Llama-3 split pattern, tiktoken otherwise) once it is verified to "
+        "give Hugging Face's ids on a probe text and on your first documents; Hugging Face otherwise.")] = True,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes (0 = all cores).")] = 0,
     on_error: Annotated[OnError, typer.Option(
         help="Bad input (malformed JSON, missing/null/non-string text, invalid UTF-8, blank line, truncated "
