@@ -124,13 +124,14 @@ def tokenize(
         return
     table = Table(title=f"keizoku tokenize — {result.manifest}", title_justify="left")
     for col in ("dataset", "docs", "tokens", "MB", "seconds", "tokens/s", "skipped", "status"):
-        table.add_column(col, justify="left" if col in ("dataset", "status") else "right")
+        table.add_column(col, justify="left" if col in ("dataset", "status") else "right", no_wrap=col != "dataset",
+                         overflow="fold", min_width=12 if col == "dataset" else None)
     rows = summarize(result)
     fresh = [r for r in rows if r["status"] == "done"]
     for r in rows:
         table.add_row(r["dataset"], f"{r['documents']:,}", f"{r['tokens']:,}", f"{r['mb']:,.2f}",
                       f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['skipped']:,}", r["status"])
-    if len(rows) > 1 or fresh:
+    if fresh:
         tokens = sum(r["tokens"] for r in fresh)
         mb = sum(r["mb"] for r in fresh)
         table.add_section()

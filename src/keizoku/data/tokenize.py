@@ -359,8 +359,8 @@ def run(opts: TokenizeOptions, console=None, progress: bool = True, log=print) -
     prep = prepare(opts.tokenizer, use_fast=opts.use_fast, fast_bpe=opts.fast_bpe, sample_texts=sample,
                    defer_check=True)
     info = prep.info
-    log(f"tokenizer {info.name_or_path}: {info.class_name}, vocab {info.vocab_size:,}, dtype {info.dtype}, "
-        f"backend {info.backend}" + (f" ({info.fast_path_note})" if info.fast_path_note else ""))
+    log(f"tokenizer {info.name_or_path}: {info.class_name}, vocab {info.vocab_size:,}, dtype {info.dtype}; "
+        f"ids by {info.engine}" + (f" ({info.fast_path_note})" if info.fast_path_note else ""))
     eod = bos = None
     if opts.append_eod:
         if info.eos_id is None:
@@ -455,7 +455,7 @@ class _GroupState:
 def _events(groups: list[DatasetGroup], opts: TokenizeOptions) -> Iterator[tuple]:
     """("chunk", gi, file, chunk) … ("input_done", gi, record) … ("group_done", gi), in input order."""
     for gi, g in enumerate(groups):
-        yield ("group_start", gi)
+        yield ("group_start", gi, time.perf_counter())  # a dataset's seconds count from its first read
         for f in g.inputs:
             record = _input_record(f.path)
             reader = ParquetReader(f.path, opts.text_keys) if f.is_parquet else JsonlReader(f.path, opts.chunk_bytes)
@@ -481,8 +481,7 @@ def _process(groups, opts, info, *, dtype, bos, eod, pool, workers, manifest, ma
         kind, gi = ev[0], ev[1]
         if kind == "group_start":
             g = groups[gi]
-            states[gi] = _GroupState(g, {k: IndexedDatasetWriter(p, dtype) for k, p in g.prefixes.items()},
-                                     time.perf_counter())
+            states[gi] = _GroupState(g, {k: IndexedDatasetWriter(p, dtype) for k, p in g.prefixes.items()}, ev[2])
             return None
         st = states[gi]
         if kind == "chunk":

@@ -95,6 +95,7 @@ class TokenizerInfo:
     use_fast: bool
     backend: str  # "tiktoken" (exact fast path), "hf-fast" or "hf-slow"
     fast_path_note: str = ""
+    engine: str = ""  # what computes the ids: keizoku._bpe, tiktoken, tokenizers or transformers
 
     @property
     def dtype(self) -> np.dtype:
@@ -110,6 +111,7 @@ class TokenizerInfo:
             "fingerprint": self.fingerprint,
             "use_fast": self.use_fast,
             "backend": self.backend,
+            "engine": self.engine,
             "dtype": str(self.dtype),
         }
 
@@ -343,7 +345,9 @@ class Prepared:
         from dataclasses import replace
 
         note = f"fast BPE path disagrees with Hugging Face ({why}); using Hugging Face"
-        return Prepared(replace(self.info, backend=self.fallback.backend, fast_path_note=note), self.fallback)
+        info = replace(self.info, backend=self.fallback.backend, fast_path_note=note,
+                       engine=encoder_for(self.fallback).engine)
+        return Prepared(info, self.fallback)
 
 
 def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
@@ -369,6 +373,7 @@ def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
             if fast is not None:
                 if defer_check:
                     spec, fallback = fast, spec
+                    note = "exact fast BPE path; checking it against Hugging Face alongside"
                 else:
                     ok, why = check_fast_path(fast, sample_texts or [], fingerprint)
                     if ok:
@@ -385,6 +390,7 @@ def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
         use_fast=tok.backend_json is not None,
         backend=spec.backend,
         fast_path_note=note,
+        engine=encoder_for(spec).engine,
     )
     return Prepared(info, spec, fallback)
 
