@@ -131,17 +131,19 @@ def _parse_line(line: bytes, keys: list[str]) -> tuple[tuple[str, ...] | None, s
 def _texts(obj, keys: list[str]) -> tuple[tuple[str, ...] | None, str | None]:
     if not isinstance(obj, dict):
         return None, f"not a JSON object: found {_describe(obj)}"
-    texts = []
-    for key in keys:
-        if key not in obj:
-            return None, f"missing field: {key!r} (expected a string)"
-        value = obj[key]
+    missing = next((k for k in keys if k not in obj), None)
+    if missing is not None:
+        return None, f"missing field: {missing!r} (expected a string)"
+    return _strings([obj[k] for k in keys], keys, "")
+
+
+def _strings(values: list, keys: list[str], what: str) -> tuple[tuple[str, ...] | None, str | None]:
+    for key, value in zip(keys, values):
         if value is None:
-            return None, f"null field: {key!r} is null (expected a string)"
+            return None, f"null field: {what}{key!r} is null (expected a string)"
         if not isinstance(value, str):
-            return None, f"not a string: {key!r} is {_describe(value)} (expected a string)"
-        texts.append(value)
-    return tuple(texts), None
+            return None, f"not a string: {what}{key!r} is {_describe(value)} (expected a string)"
+    return tuple(values), None
 
 
 def _check_text(texts: tuple[str, ...], keys: list[str]) -> str | None:
@@ -153,44 +155,30 @@ def _check_text(texts: tuple[str, ...], keys: list[str]) -> str | None:
     return None
 
 
-def _parse_jsonl(data: bytes, first_line: int, keys: list[str], skip: bool):
+def _collect(numbered, skip: bool):
+    """(line, texts, reason) items -> rows, skipped (line, reason), first error (line, reason) unless skip."""
     rows, skipped = [], []
+    for line, texts, reason in numbered:
+        if reason is None:
+            rows.append(texts)
+        elif skip:
+            skipped.append((line, reason))
+        else:
+            return rows, skipped, (line, reason)
+    return rows, skipped, None
+
+
+def _parse_jsonl(data: bytes, first_line: int, keys: list[str], skip: bool):
     lines = data.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()
-    for i, line in enumerate(lines):
-        texts, reason = _parse_line(line, keys)
-        if reason is not None:
-            if not skip:
-                return rows, skipped, (first_line + i, reason)
-            skipped.append((first_line + i, reason))
-            continue
-        rows.append(texts)
-    return rows, skipped, None
+    return _collect(((first_line + i, *_parse_line(line, keys)) for i, line in enumerate(lines)), skip)
 
 
 def _parse_batch(batch, first_row: int, keys: list[str], skip: bool):
-    rows, skipped = [], []
-    columns = []
-    for key in keys:
-        col = batch.column(batch.schema.get_field_index(key))
-        columns.append(col.to_pylist())
-    for i, texts in enumerate(zip(*columns)):
-        reason = None
-        for key, value in zip(keys, texts):
-            if value is None:
-                reason = f"null field: column {key!r} is null (expected a string)"
-            elif not isinstance(value, str):
-                reason = f"not a string: column {key!r} is {_describe(value)} (expected a string)"
-            if reason:
-                break
-        if reason is not None:
-            if not skip:
-                return rows, skipped, (first_row + i, reason)
-            skipped.append((first_row + i, reason))
-            continue
-        rows.append(texts)
-    return rows, skipped, None
+    columns = [batch.column(batch.schema.get_field_index(key)).to_pylist() for key in keys]
+    return _collect(((first_row + i, *_strings(list(values), keys, "column ")) for i, values in enumerate(zip(*columns))),
+                    skip)
 
 
 @dataclass
