@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from conftest import EN_SAMPLE, JA_SAMPLE, keizoku, read_texts, write_jsonl
+from conftest import JA_SAMPLE, keizoku, write_jsonl
 from keizoku.data.indexed import IndexedDatasetReader, optimal_dtype
 
 

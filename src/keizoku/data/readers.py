@@ -12,7 +12,6 @@ import glob
 import gzip
 import hashlib
 import io
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
