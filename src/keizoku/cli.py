@@ -199,6 +199,35 @@ def inspect(
                 out.print(text, markup=False, highlight=False)
 
 
+config_app = typer.Typer(help="Show and check keizoku configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("defaults")
+def config_defaults() -> None:
+    """Print every setting with its default and help text, as a YAML file to start from."""
+    from keizoku.config import defaults_yaml
+
+    print(defaults_yaml(), end="")
+
+
+@config_app.command("check")
+def config_check(
+    path: Annotated[Path, typer.Argument(help="A keizoku YAML config.", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+) -> None:
+    """Validate CONFIG with overrides, and print the resolved configuration."""
+    from keizoku.config import ConfigError, load, to_yaml
+
+    try:
+        cfg = load(path, overrides or [])
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            _error(line)
+        raise typer.Exit(1) from None
+    print(to_yaml(cfg), end="")
+
+
 def main() -> None:
     app(prog_name="keizoku")
 

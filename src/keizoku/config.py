@@ -1,0 +1,310 @@
+"""The keizoku configuration: typed dataclasses, one YAML file, ``a.b=c`` overrides.
+
+Precedence is command line > YAML > the defaults below (OmegaConf structured configs: unknown keys and
+wrong types are errors that name the key path). ``validate`` then checks what types cannot: required
+settings, ranges and combinations, again naming each key. ``keizoku config defaults`` prints every
+setting with its help text; ``keizoku config check`` validates a file.
+
+The shared sections (model, data, train, optim, schedule, checkpoint, eval, logging) mean the same for every
+engine; engine-specific settings get their own section.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+def _f(default, help: str):  # noqa: A002 - "help" reads best in the field declarations
+    """A field with its help text; a class (list, dict, a section) as default means "a fresh one"."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    hf_path: Optional[str] = _f(None, "Hugging Face model to continue from: a local directory or a hub id. Its "
+                                      "pretrained weights are loaded (AutoModelForCausalLM).")
+    init: Literal["pretrained", "random"] = _f("pretrained", "'random' builds the architecture of hf_path with "
+                                                             "random weights; only when asked for, never as a fallback.")
+    tokenizer: Optional[str] = _f(None, "Tokenizer (directory or hub id) saved with exports; default: hf_path.")
+    dtype: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 mixed precision with fp32 master weights on "
+                                                        "GPU, fp32 on CPU.")
+    attn_implementation: str = _f("sdpa", "transformers attention implementation (sdpa, eager, flash_attention_2).")
+    activation_checkpointing: bool = _f(False, "Recompute each decoder layer's activations in the backward pass.")
+    compile: bool = _f(False, "torch.compile each decoder layer.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub (transformers' trust_remote_code).")
+
+
+@dataclass
+class DatasetEntry:
+    path: str = _f(MISSING, "Dataset prefix (PATH for PATH.bin/.idx) or a directory with a keizoku manifest.")
+    weight: Optional[float] = _f(None, "Relative sampling weight (Megatron --data-path W P semantics).")
+    tokens: Optional[int] = _f(None, "Token budget: take this many tokens from the dataset, repeating or truncating.")
+
+
+@dataclass
+class DataConfig:
+    blend: list[DatasetEntry] = _f(list, "Training datasets: [{path, weight}] or [{path, tokens}].")
+    validation: dict[str, list[DatasetEntry]] = _f(dict, "Named validation sets, e.g. {ja: [{path: ...}], "
+                                                         "en: [{path: ...}]}: loss and perplexity for each.")
+    seq_length: int = _f(4096, "Tokens per training sequence (samples hold seq_length + 1 tokens).")
+    seed: int = _f(1234, "Seed of the sample order (GPTDataset shuffle); the same seed gives the same samples.")
+    cache_dir: Optional[str] = _f(None, "Where the dataset indices are cached; default RUN_DIR/data-cache.")
+    num_workers: int = _f(2, "Data loader worker processes per rank.")
+    mock: bool = _f(False, "Train on random tokens (smoke tests only). Never implied by a missing blend.")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = _f(8, "Sequences per optimizer step, over all data-parallel ranks.")
+    micro_batch_size: int = _f(1, "Sequences per forward/backward on one rank; the rest is gradient accumulation.")
+    max_steps: Optional[int] = _f(None, "Optimizer steps to train (give this or max_tokens).")
+    max_tokens: Optional[int] = _f(None, "Tokens to train on (give this or max_steps).")
+    seed: int = _f(1234, "Seed for model initialisation (init: random) and dropout.")
+    device: Literal["auto", "cuda", "cpu"] = _f("auto", "auto: CUDA when available, else CPU.")
+    on_nan: Literal["stop", "skip"] = _f("stop", "NaN/inf loss or gradient: stop with a message, or skip the step. "
+                                                 "A poisoned state is never checkpointed.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(3e-4, "Peak learning rate.")
+    min_lr: float = _f(3e-5, "Learning rate at the end of the decay.")
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    weight_decay: float = _f(0.1, "Decoupled weight decay; not applied to biases, norms and embeddings' norms.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
+    fused: Optional[bool] = _f(None, "Fused AdamW kernel; default: on where supported (CUDA).")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "wsd", "constant"] = _f("cosine", "cosine: warmup then cosine to min_lr; wsd: warmup, "
+                                                             "constant, then a linear decay to min_lr; constant: warmup "
+                                                             "then lr.")
+    warmup_steps: int = _f(0, "Linear warmup from 0 to lr over this many steps.")
+    decay_fraction: float = _f(0.1, "wsd: the share of all steps spent in the final decay.")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = _f(1000, "Save every N steps (0: only at the end).")
+    keep_last: int = _f(3, "Keep the newest K checkpoints.")
+    resume: str = _f("auto", "auto: continue from the newest complete checkpoint in the run directory if there is "
+                             "one; none: start afresh; or a checkpoint directory.")
+    save_at_end: bool = _f(True, "Save when training completes.")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = _f(1000, "Evaluate every N steps (0: never during training).")
+    batches: int = _f(8, "Micro batches per validation set and evaluation.")
+    at_start: bool = _f(True, "Evaluate before the first step (the base model's loss).")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = _f(1, "Log every N steps (console, RUN_DIR/metrics.jsonl).")
+    tensorboard: bool = _f(True, "Write TensorBoard events to RUN_DIR/tensorboard.")
+    wandb: bool = _f(False, "Log to Weights & Biases (needs wandb installed and configured).")
+    wandb_project: Optional[str] = _f(None, "W&B project.")
+
+
+@dataclass
+class ParallelConfig:
+    backend: Literal["auto", "nccl", "gloo"] = _f("auto", "torch.distributed backend; auto: nccl on GPU, gloo on CPU.")
+    data_parallel_size: Optional[int] = _f(None, "Data-parallel ranks; default: the world size.")
+    reshard_after_forward: bool = _f(True, "FSDP2: free gathered parameters after forward (less memory, more "
+                                           "communication).")
+
+
+@dataclass
+class KeizokuConfig:
+    engine: Literal["torch", "megatron"] = _f("torch", "torch: FSDP2 on the Hugging Face model; megatron: "
+                                                       "Megatron-Bridge.")
+    run_dir: str = _f("runs/keizoku", "Run directory: resolved config, checkpoints, metrics, logs.")
+    model: ModelConfig = _f(ModelConfig, "The model to continue pre-training.")
+    data: DataConfig = _f(DataConfig, "Tokenized datasets (keizoku tokenize) and how samples are drawn.")
+    train: TrainConfig = _f(TrainConfig, "Batch sizes and length of training.")
+    optim: OptimConfig = _f(OptimConfig, "AdamW.")
+    schedule: ScheduleConfig = _f(ScheduleConfig, "Learning-rate schedule.")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig, "Sharded checkpoints (torch.distributed.checkpoint).")
+    eval: EvalConfig = _f(EvalConfig, "Validation loss and perplexity on data.validation.")
+    logging: LoggingConfig = _f(LoggingConfig, "Metrics.")
+    parallel: ParallelConfig = _f(ParallelConfig, "Distribution over GPUs and nodes.")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names each key path at fault."""
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> KeizokuConfig:
+    """Defaults, then the YAML file, then ``a.b=c`` overrides; type-checked and validated."""
+    try:
+        merged = OmegaConf.structured(KeizokuConfig)
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+            merged = OmegaConf.merge(merged, OmegaConf.create(text) if text.strip() else {})
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key.path=value")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        message = str(e).splitlines()[0]
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{key}: {message}" if key else f"{where}{message}") from None
+    errors = validate(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg
+
+
+def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
+    """What the types cannot say; each message starts with the key path."""
+    err = []
+    m, d, t, o, s, c, e = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.schedule, cfg.checkpoint, cfg.eval
+    if not m.hf_path:
+        err.append("model.hf_path: required — the Hugging Face model (directory or hub id) to continue from")
+    if not d.blend and not d.mock:
+        err.append("data.blend: no training data given (keizoku never falls back to mock data; set data.mock: true "
+                   "to train on random tokens)")
+    if d.blend and d.mock:
+        err.append("data.mock: true together with data.blend; choose one")
+    for name, entries in [("data.blend", d.blend)] + [(f"data.validation.{k}", v) for k, v in d.validation.items()]:
+        err += _check_entries(name, entries, budgets_allowed=name == "data.blend")
+    if d.seq_length < 1:
+        err.append(f"data.seq_length: must be at least 1, not {d.seq_length}")
+    if d.num_workers < 0:
+        err.append(f"data.num_workers: must be >= 0, not {d.num_workers}")
+    if (t.max_steps is None) == (t.max_tokens is None):
+        err.append("train.max_steps / train.max_tokens: give exactly one")
+    for key in ("max_steps", "max_tokens", "global_batch_size", "micro_batch_size"):
+        value = getattr(t, key)
+        if value is not None and value < 1:
+            err.append(f"train.{key}: must be at least 1, not {value}")
+    dp = cfg.parallel.data_parallel_size or world_size
+    if t.micro_batch_size >= 1 and t.global_batch_size >= 1:
+        per_step = t.micro_batch_size * (dp or 1)
+        if t.global_batch_size % per_step:
+            what = f"train.micro_batch_size × data-parallel size = {t.micro_batch_size} × {dp}" if dp else \
+                f"train.micro_batch_size = {t.micro_batch_size}"
+            err.append(f"train.global_batch_size: {t.global_batch_size} is not divisible by {what}")
+    if cfg.parallel.data_parallel_size is not None and world_size is not None \
+            and cfg.parallel.data_parallel_size != world_size:
+        err.append(f"parallel.data_parallel_size: {cfg.parallel.data_parallel_size} differs from the world size "
+                   f"{world_size} (the torch engine is data-parallel only)")
+    if not o.lr > 0:
+        err.append(f"optim.lr: must be > 0, not {o.lr}")
+    if not 0 <= o.min_lr <= o.lr:
+        err.append(f"optim.min_lr: must be between 0 and optim.lr ({o.lr}), not {o.min_lr}")
+    if not all(0 <= b < 1 for b in o.betas):
+        err.append(f"optim.betas: each must be in [0, 1), not {list(o.betas)}")
+    for key in ("eps", "weight_decay", "grad_clip"):
+        if getattr(o, key) < 0:
+            err.append(f"optim.{key}: must be >= 0, not {getattr(o, key)}")
+    if s.warmup_steps < 0:
+        err.append(f"schedule.warmup_steps: must be >= 0, not {s.warmup_steps}")
+    if t.max_steps is not None and s.warmup_steps > t.max_steps:
+        err.append(f"schedule.warmup_steps: {s.warmup_steps} is more than train.max_steps ({t.max_steps})")
+    if not 0 < s.decay_fraction <= 1:
+        err.append(f"schedule.decay_fraction: must be in (0, 1], not {s.decay_fraction}")
+    if c.keep_last < 1:
+        err.append(f"checkpoint.keep_last: must be at least 1, not {c.keep_last}")
+    if c.interval < 0:
+        err.append(f"checkpoint.interval: must be >= 0, not {c.interval}")
+    if c.resume not in ("auto", "none") and not Path(c.resume).exists():
+        err.append(f"checkpoint.resume: {c.resume!r} is neither auto, none nor an existing checkpoint directory")
+    if e.interval < 0 or e.batches < 1:
+        err.append(f"eval: interval must be >= 0 and batches >= 1, not {e.interval} and {e.batches}")
+    if cfg.logging.interval < 1:
+        err.append(f"logging.interval: must be at least 1, not {cfg.logging.interval}")
+    return err
+
+
+def _check_entries(name: str, entries: list[DatasetEntry], budgets_allowed: bool) -> list[str]:
+    err = []
+    kinds = set()
+    for i, entry in enumerate(entries):
+        key = f"{name}[{i}]"
+        if entry.weight is not None and entry.tokens is not None:
+            err.append(f"{key}: give weight or tokens, not both")
+        if entry.weight is not None:
+            kinds.add("weight")
+            if not entry.weight > 0:
+                err.append(f"{key}.weight: must be > 0, not {entry.weight}")
+        if entry.tokens is not None:
+            kinds.add("tokens")
+            if not budgets_allowed:
+                err.append(f"{key}.tokens: token budgets apply to data.blend only")
+            elif entry.tokens < 1:
+                err.append(f"{key}.tokens: must be at least 1, not {entry.tokens}")
+    if len(kinds) > 1:
+        err.append(f"{name}: mixes weights and token budgets; use one kind for all entries")
+    return err
+
+
+def to_yaml(cfg: KeizokuConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_resolved(cfg: KeizokuConfig, run_dir: str | os.PathLike) -> Path:
+    """Write RUN_DIR/config.yaml (atomically): exactly what the run used."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".config.yaml.tmp{os.getpid()}")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def defaults_yaml() -> str:
+    """Every setting with its default and help text, as YAML that ``load`` reads back unchanged."""
+    lines = ["# keizoku configuration: every setting, its default and what it means.",
+             "# Use: keizoku train CONFIG.yaml [key.path=value ...] (command line > this file > defaults).", ""]
+    _emit(KeizokuConfig(), lines, 0)
+    return "\n".join(lines) + "\n"
+
+
+def _emit(obj, lines: list[str], indent: int) -> None:
+    pad = "  " * indent
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        help_text = f.metadata.get("help", "")
+        for chunk in _wrap(help_text, 110 - len(pad)):
+            lines.append(f"{pad}# {chunk}")
+        if is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            _emit(value, lines, indent + 1)
+            if indent == 0:
+                lines.append("")
+        else:
+            rendered = OmegaConf.to_yaml(OmegaConf.create({f.name: _plain(value)})).rstrip("\n")
+            lines.extend(pad + ln for ln in rendered.splitlines())
+            if f.name == "blend" and not value:
+                lines.append(f"{pad}# e.g. blend: [{{path: tokenized/ja/part-0_text_document, weight: 0.9}}, "
+                             "{path: tokenized/en, weight: 0.1}]")
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) if text else []

@@ -1,0 +1,84 @@
+"""The config system: defaults, YAML, overrides, validation that names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, keizoku
+from keizoku.config import ConfigError, KeizokuConfig, defaults_yaml, load, save_resolved, validate
+
+VALID = ["model.hf_path=some/model", "data.mock=true", "train.max_steps=10"]
+
+
+def test_defaults_yaml_reads_back_as_the_defaults(tmp_path):
+    text = defaults_yaml()
+    assert text.count("#") > 40  # every setting carries its help
+    merged = OmegaConf.merge(OmegaConf.structured(KeizokuConfig), OmegaConf.create(text))
+    assert OmegaConf.to_object(merged) == KeizokuConfig()
+    path = tmp_path / "defaults.yaml"
+    path.write_text(text)
+    cfg = load(path, VALID)
+    assert cfg.model.hf_path == "some/model" and cfg.data.seq_length == 4096
+
+
+def test_swallow_example(tmp_path):
+    cfg = load(ROOT / "examples/llama31_8b_cpt.yaml")
+    assert (cfg.data.seq_length, cfg.train.global_batch_size, cfg.optim.lr, cfg.optim.min_lr) == (8192, 1024, 2.5e-5, 2.5e-6)
+    assert (cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.optim.betas, cfg.optim.eps) == ("cosine", 1000, (0.9, 0.95), 1e-8)
+    assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.model.dtype) == (0.1, 1.0, "bf16")
+    assert [e.weight for e in cfg.data.blend] == [0.9, 0.1] and sorted(cfg.data.validation) == ["en", "ja"]
+    saved = save_resolved(cfg, tmp_path / "run")
+    assert load(saved) == cfg
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {hf_path: a}\ndata: {mock: true, seq_length: 128}\ntrain: {max_steps: 5}\n")
+    cfg = load(path, ["data.seq_length=256", "optim.betas=[0.8,0.9]"])
+    assert cfg.data.seq_length == 256 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.train.max_steps == 5 and cfg.optim.lr == KeizokuConfig().optim.lr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.global_batch=4"], "train.global_batch: Key 'global_batch' not in 'TrainConfig'"),
+    (["data.seq_length=long"], "data.seq_length: Value 'long'"),
+    (["schedule.kind=linear"], "schedule.kind: Invalid value 'linear'"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"],
+     "train.global_batch_size: 10 is not divisible by train.micro_batch_size = 4"),
+    (["data.mock=false"], "data.blend: no training data given"),
+    (["model.hf_path=null"], "model.hf_path: required"),
+    (["train.max_tokens=1000"], "train.max_steps / train.max_tokens: give exactly one"),
+    (["optim.min_lr=1.0"], "optim.min_lr: must be between 0 and optim.lr"),
+    (["schedule.warmup_steps=20"], "schedule.warmup_steps: 20 is more than train.max_steps (10)"),
+    (["data.mock=false", "data.blend=[{path: a, weight: 1}, {path: b, tokens: 100}]"],
+     "data.blend: mixes weights and token budgets"),
+    (["data.validation={ja: [{path: v, tokens: 5}]}"], "data.validation.ja[0].tokens: token budgets apply to data.blend"),
+    (["checkpoint.resume=/no/such/checkpoint"], "checkpoint.resume: '/no/such/checkpoint' is neither"),
+    (["train.max_steps"], "override 'train.max_steps': expected key.path=value"),
+])
+def test_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load(None, VALID + overrides)
+    assert message in str(e.value)
+
+
+def test_data_parallel_divisibility():
+    cfg = load(None, VALID + ["train.global_batch_size=8", "train.micro_batch_size=2"])
+    assert validate(cfg, world_size=2) == []
+    assert validate(cfg, world_size=3) == [
+        "train.global_batch_size: 8 is not divisible by train.micro_batch_size × data-parallel size = 2 × 3"]
+
+
+def test_cli(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {global_batch_size: 3, micro_batch_size: 2, max_steps: 1}\n")
+    proc = keizoku("config", "check", bad, check=False)
+    assert proc.returncode == 1
+    assert "model.hf_path: required" in proc.stderr and "train.global_batch_size: 3 is not divisible" in proc.stderr
+    out = keizoku("config", "check", bad, "model.hf_path=m", "data.mock=true", "train.global_batch_size=4").stdout
+    assert "global_batch_size: 4" in out
+    assert keizoku("config", "defaults").stdout == defaults_yaml()
+    assert Path(ROOT / "examples/llama31_8b_cpt.yaml").exists()
