@@ -1,0 +1,167 @@
+"""Training and validation samples from keizoku datasets, built by megatron-core.
+
+Samples come from megatron-core's ``GPTDataset`` and ``BlendedMegatronDatasetBuilder`` — documents joined with
+EOD, ``seq_length + 1`` tokens per sample, a seeded shuffle, indices cached on disk — so a run draws the same
+samples in the same order as Megatron training with the same blend and seed, and the Megatron-Bridge engine
+can reuse them. What keizoku adds:
+
+- paths may be a dataset prefix or a directory written by ``keizoku tokenize`` (its manifest lists the
+  datasets; a directory counts as one source, its datasets weighted by their token counts);
+- token budgets (``{path, tokens}``): each source contributes exactly that many tokens over the run
+  (repeating or truncating it), which requires the budgets to add up to the run's length;
+- ``SampleSampler``: the sample order for a data-parallel rank from any consumed-sample count, so a resumed
+  run continues at the exact next sample.
+
+megatron-core's builder needs ``torch.distributed`` to be initialised (a one-process gloo group on a laptop).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from keizoku.config import DataConfig, DatasetEntry
+from keizoku.data import manifest as mf
+from keizoku.data.indexed import dataset_paths, read_index_header
+
+
+class DataError(ValueError):
+    """A data setting that cannot be satisfied; the message names the config key."""
+
+
+@dataclass
+class Source:
+    """One entry of a blend, resolved to dataset prefixes with their token counts."""
+
+    key: str  # config key path, for messages
+    prefixes: list[str]
+    tokens: list[int]
+    weight: float | None
+    budget: int | None
+
+
+class MegatronTokenizerShim:
+    """What GPTDataset reads from a tokenizer: the EOD id, vocabulary size and an identity for the cache."""
+
+    def __init__(self, eod: int, vocab_size: int, fingerprint: str):
+        self.eod = eod
+        self.vocab_size = vocab_size
+        self.unique_identifiers = OrderedDict(
+            [("class", "keizoku"), ("fingerprint", fingerprint), ("eod", eod), ("vocab_size", vocab_size)])
+
+
+def resolve(entries: list[DatasetEntry], key: str) -> list[Source]:
+    """Expand each entry's path to dataset prefixes (a directory's manifest lists them)."""
+    sources = []
+    for i, entry in enumerate(entries):
+        where = f"{key}[{i}].path"
+        path = Path(entry.path)
+        if path.is_dir():
+            found = mf.find(path)
+            if found is None:
+                raise DataError(f"{where}: {path} is a directory without a {mf.MANIFEST_NAME}; give dataset prefixes "
+                                "or a directory written by keizoku tokenize")
+            manifest_path, data = found
+            names = sorted(data["datasets"])
+            keys = {data["datasets"][n]["key"] for n in names}
+            if len(keys) > 1:
+                raise DataError(f"{where}: {path} holds datasets of several keys ({', '.join(sorted(keys))}); "
+                                "list the prefixes you want")
+            prefixes = [str(manifest_path.parent / n) for n in names]
+            if not prefixes:
+                raise DataError(f"{where}: {manifest_path} lists no datasets")
+        else:
+            prefixes = [str(path)]
+        tokens = []
+        for p in prefixes:
+            bin_path, idx_path = dataset_paths(p)
+            if not idx_path.exists() or not bin_path.exists():
+                raise DataError(f"{where}: no dataset {p} (expected {p}.bin and {p}.idx)")
+            tokens.append(bin_path.stat().st_size // read_index_header(idx_path)["dtype"].itemsize)
+        if sum(tokens) == 0:
+            raise DataError(f"{where}: {entry.path} holds no tokens")
+        sources.append(Source(where.rsplit(".", 1)[0], prefixes, tokens, entry.weight, entry.tokens))
+    return sources
+
+
+def blend_of(sources: list[Source], total_tokens: int | None) -> tuple[list[str], list[float] | None]:
+    """Megatron's (prefixes, weights): a source's weight is shared among its datasets by their tokens."""
+    if all(s.weight is None and s.budget is None for s in sources):
+        if len(sources) == 1 and len(sources[0].prefixes) == 1:
+            return sources[0].prefixes, None
+        shares = [float(sum(s.tokens)) for s in sources]  # unweighted: as if concatenated
+    elif sources[0].budget is not None:
+        budget = sum(s.budget for s in sources)
+        if total_tokens is not None and abs(budget - total_tokens) > 0.01 * total_tokens:
+            raise DataError(f"data.blend: token budgets add up to {budget:,} tokens but the run trains on "
+                            f"{total_tokens:,} (train.max_tokens, or max_steps × global batch × seq_length)")
+        shares = [float(s.budget) for s in sources]
+    else:
+        shares = [s.weight for s in sources]
+    prefixes, weights = [], []
+    for share, s in zip(shares, sources):
+        for p, n in zip(s.prefixes, s.tokens):
+            prefixes.append(p)
+            weights.append(share * n / sum(s.tokens))
+    return prefixes, weights
+
+
+def build(data: DataConfig, *, seq_length: int, train_samples: int, eval_samples: int, eod: int, vocab_size: int,
+          fingerprint: str, cache_dir: str | Path):
+    """(train dataset, {validation name: dataset}) built by megatron-core."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    tokenizer = MegatronTokenizerShim(eod, vocab_size, fingerprint)
+
+    def config(blend_per_split):
+        return GPTDatasetConfig(
+            random_seed=data.seed, sequence_length=seq_length, blend_per_split=blend_per_split,
+            path_to_cache=str(cache_dir), tokenizer=tokenizer, reset_position_ids=False,
+            reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        )
+
+    train_blend = blend_of(resolve(data.blend, "data.blend"), train_samples * seq_length)
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, None, None], lambda: True, config([train_blend, None, None])).build()
+    validation = {}
+    for name, entries in data.validation.items():
+        blend = blend_of(resolve(entries, f"data.validation.{name}"), None)
+        _, valid, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [None, eval_samples, None], lambda: True, config([None, blend, None])).build()
+        validation[name] = valid
+    return train, validation
+
+
+class SampleSampler:
+    """Micro batches of sample indices for one data-parallel rank, from ``consumed`` samples on.
+
+    Global batch g = micro batch × data-parallel size × accumulation steps; step after step, samples
+    ``[consumed, consumed + g)`` are split rank-major into micro batches, so a run resumed at ``consumed``
+    continues exactly where it stopped, whatever the number of ranks before and after.
+    """
+
+    def __init__(self, total: int, consumed: int, micro_batch: int, rank: int, world: int):
+        self.total, self.consumed = total, consumed
+        self.micro, self.rank, self.world = micro_batch, rank, world
+
+    def __iter__(self):
+        step = self.micro * self.world
+        start = self.consumed
+        while start + step <= self.total:
+            first = start + self.rank * self.micro
+            yield list(range(first, first + self.micro))
+            start += step
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.consumed) // (self.micro * self.world))
+
+
+def samples_for(max_steps: int | None, max_tokens: int | None, global_batch: int, seq_length: int) -> tuple[int, int]:
+    """(optimizer steps, training samples) for a run of max_steps or max_tokens."""
+    steps = max_steps if max_steps is not None else math.ceil(max_tokens / (global_batch * seq_length))
+    return steps, steps * global_batch
