@@ -1,0 +1,1 @@
+"""Engine-neutral training pieces: learning-rate schedules, optimizer parameter groups."""
