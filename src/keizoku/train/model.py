@@ -1,0 +1,44 @@
+"""Loading the model to continue from: its pretrained weights, or random weights only when asked.
+
+Megatron-Bridge's recipes silently train from random weights (Megatron-Bridge issue #1419); keizoku loads
+``model.hf_path`` with ``AutoModelForCausalLM.from_pretrained`` and refuses a checkpoint whose weights do not
+cover the model (transformers would initialise the missing tensors at random and only warn).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from keizoku.config import ModelConfig
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be loaded as configured; the message names the config key."""
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 1234) -> torch.nn.Module:
+    """The causal LM of ``cfg.hf_path`` in ``dtype`` (fp32 master weights by default), on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not cfg.hf_path:
+        raise ModelLoadError("model.hf_path: required — the Hugging Face model to continue from")
+    common = dict(trust_remote_code=cfg.trust_remote_code)
+    try:
+        if cfg.init == "random":
+            config = AutoConfig.from_pretrained(cfg.hf_path, **common)
+            config._attn_implementation = cfg.attn_implementation
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config, torch_dtype=dtype, **common)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            cfg.hf_path, torch_dtype=dtype, attn_implementation=cfg.attn_implementation, output_loading_info=True,
+            **common)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.hf_path: cannot load {cfg.hf_path!r}: {e}") from e
+    missing = sorted(info.get("missing_keys", []))  # tied weights are not reported missing
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise ModelLoadError(
+            f"model.hf_path: {cfg.hf_path} lacks {len(missing)} weight(s) of the model ({shown}); training would "
+            "start them from random values. Fix the checkpoint, or set model.init: random to train from scratch.")
+    return model
+
