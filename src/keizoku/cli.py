@@ -199,6 +199,50 @@ def inspect(
                 out.print(text, markup=False, highlight=False)
 
 
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="A keizoku YAML config (see keizoku config defaults).",
+                                           show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+) -> None:
+    """Continual pre-training from a Hugging Face model on tokenized datasets.
+
+    One process on a laptop, or under torchrun on many GPUs and nodes:
+    torchrun --nproc-per-node 8 -m keizoku train CONFIG.yaml. Resumes from the run's latest checkpoint
+    (checkpoint.resume: auto). Exit status: 0 done, 1 failed, 2 bad config, 3 stopped by SIGTERM/SIGUSR1
+    after saving (resubmit to continue).
+    """
+    from keizoku.config import ConfigError, load
+    from keizoku.engines import run
+
+    try:
+        cfg = load(config, overrides or [])
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            _error(line)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run(cfg))
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A keizoku run directory.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the Hugging Face model.", show_default=False)],
+    step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: the latest).")] = None,
+    verify: Annotated[bool, typer.Option(help="Reload the export and check it reproduces the logits.")] = True,
+) -> None:
+    """Write a checkpoint as a Hugging Face model (safetensors, config, tokenizer) and verify its logits."""
+    from keizoku.checkpoint.hf_export import ExportError
+    from keizoku.checkpoint.hf_export import export as do_export
+    from keizoku.config import ConfigError
+
+    try:
+        do_export(run_dir, out, step=step, verify=verify, log=lambda m: console.print(m, highlight=False))
+    except (ExportError, ConfigError, OSError) as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+
+
 config_app = typer.Typer(help="Show and check keizoku configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

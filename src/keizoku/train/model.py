@@ -22,16 +22,19 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int =
 
     if not cfg.hf_path:
         raise ModelLoadError("model.hf_path: required — the Hugging Face model to continue from")
+    import transformers
+
     common = dict(trust_remote_code=cfg.trust_remote_code)
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
         if cfg.init == "random":
             config = AutoConfig.from_pretrained(cfg.hf_path, **common)
             config._attn_implementation = cfg.attn_implementation
             torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(config, torch_dtype=dtype, **common)
+            return AutoModelForCausalLM.from_config(config, **{dtype_key: dtype}, **common)
         model, info = AutoModelForCausalLM.from_pretrained(
-            cfg.hf_path, torch_dtype=dtype, attn_implementation=cfg.attn_implementation, output_loading_info=True,
-            **common)
+            cfg.hf_path, attn_implementation=cfg.attn_implementation, output_loading_info=True,
+            **{dtype_key: dtype}, **common)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model.hf_path: cannot load {cfg.hf_path!r}: {e}") from e
     missing = sorted(info.get("missing_keys", []))  # tied weights are not reported missing

@@ -1,0 +1,1 @@
+"""The torch engine: FSDP2 on the Hugging Face model."""

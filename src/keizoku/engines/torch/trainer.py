@@ -1,0 +1,321 @@
+"""The torch engine: continual pre-training of a Hugging Face model with FSDP2.
+
+Reads top to bottom: set up the process group and device, load the pretrained model, shard it (FSDP2, per
+decoder layer then the root), build optimizer, schedule and data (megatron-core GPTDataset), resume from the
+latest checkpoint, then loop: gradient accumulation over micro batches, clipping, a step, metrics,
+evaluation, checkpoints. SIGTERM/SIGUSR1 (what schedulers send before the walltime kill) finish the step,
+save and exit with ``EXIT_PREEMPTED``.
+
+Runs the same on a laptop CPU (one process, gloo) and under ``torchrun`` on many GPUs and nodes (NCCL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from keizoku.config import KeizokuConfig, save_resolved, validate
+from keizoku.data import blend
+from keizoku.train import checkpoint
+from keizoku.train.model import load_model
+from keizoku.train.optim import adamw
+from keizoku.train.schedule import lambda_for
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_PREEMPTED = 3  # stopped on a signal after saving: resubmit to continue
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def setup_distributed(cfg: KeizokuConfig) -> Dist:
+    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
+    if not dist.is_initialized():
+        if "RANK" in os.environ:  # torchrun, or keizoku launch
+            dist.init_process_group(backend)
+        else:  # one process: a private store
+            store = tempfile.mkdtemp(prefix="keizoku-pg-")
+            dist.init_process_group(backend, init_method=f"file://{store}/store", rank=0, world_size=1)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+class _StopRequested:
+    """Records SIGTERM/SIGUSR1; the loop stops at the end of the step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+
+class _Metrics:
+    """Console, RUN_DIR/metrics.jsonl and TensorBoard, on rank 0."""
+
+    def __init__(self, cfg: KeizokuConfig, run_dir: Path, rank: int):
+        self.rank = rank
+        self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+        self.tb = None
+        if rank == 0 and cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                print("keizoku: tensorboard is not installed; metrics go to metrics.jsonl only", flush=True)
+
+    def log(self, kind: str, step: int, values: dict) -> None:
+        if self.rank != 0:
+            return
+        record = {"kind": kind, "step": step, **values}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+        print(f"[{kind} step {step}] {shown}", flush=True)
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return str(v)
+
+
+def run(cfg: KeizokuConfig) -> int:
+    d = setup_distributed(cfg)
+    try:
+        return _train(cfg, d)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: KeizokuConfig, d: Dist) -> int:
+    errors = validate(cfg, world_size=d.world)
+    if errors:
+        if d.rank == 0:
+            print("\n".join(f"error: {e}" for e in errors), flush=True)
+        return EXIT_CONFIG
+    run_dir = Path(cfg.run_dir)
+    if d.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir)
+    dist.barrier()
+    stop = _StopRequested()
+    metrics = _Metrics(cfg, run_dir, d.rank)
+    try:
+        return _loop(cfg, d, run_dir, stop, metrics)
+    finally:
+        metrics.close()
+
+
+def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metrics: _Metrics) -> int:
+    t, seq = cfg.train, cfg.data.seq_length
+    cuda = d.device.type == "cuda"
+    bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
+
+    model = load_model(cfg.model, torch.float32, seed=t.seed).to(d.device)  # fp32 master weights
+    _shard(model, cfg, d, bf16)
+    optimizer = adamw(model, cfg.optim, d.device.type)
+    steps, total_samples = blend.samples_for(t.max_steps, t.max_tokens, t.global_batch_size, seq)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(steps, cfg.optim, cfg.schedule))
+
+    accum = t.global_batch_size // (t.micro_batch_size * d.world)
+    eval_samples = cfg.eval.batches * t.micro_batch_size * d.world
+    train_ds, valid = _datasets(cfg, run_dir, total_samples, eval_samples)
+
+    step, consumed, tokens_seen = 0, 0, 0
+    ckpt_root = run_dir / "checkpoints"
+    resume = checkpoint.latest(ckpt_root) if cfg.checkpoint.resume == "auto" else \
+        None if cfg.checkpoint.resume == "none" else Path(cfg.checkpoint.resume)
+    if resume is not None:
+        state = checkpoint.load(resume, model, optimizer)
+        step, consumed, tokens_seen = state["step"], state["consumed_samples"], state["consumed_tokens"]
+        scheduler.load_state_dict(state["scheduler"])
+        if d.rank == 0:
+            print(f"keizoku: resumed from {resume} at step {step} ({consumed:,} samples)", flush=True)
+    if step >= steps:
+        if d.rank == 0:
+            print(f"keizoku: training is complete ({step} of {steps} steps)", flush=True)
+        return EXIT_OK
+
+    def save(at: int) -> None:
+        checkpoint.save(ckpt_root, at, model, optimizer, {
+            "step": at, "consumed_samples": consumed, "consumed_tokens": tokens_seen,
+            "scheduler": scheduler.state_dict(), "steps": steps}, cfg.checkpoint.keep_last)
+
+    if cfg.eval.at_start and valid and step == 0:
+        metrics.log("eval", step, _evaluate(model, valid, cfg, d, eval_samples))
+
+    loader = _loader(train_ds, blend.SampleSampler(total_samples, consumed, t.micro_batch_size, d.rank, d.world),
+                     cfg.data.num_workers, cuda)
+    batches = iter(loader)
+    tokens_per_step = t.global_batch_size * seq
+    while step < steps:
+        start = time.perf_counter()
+        data_time = 0.0
+        loss_sum = torch.zeros((), device=d.device)
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_time += time.perf_counter() - t0
+            tokens = batch["tokens"].to(d.device, non_blocking=True)
+            labels = batch["labels"].to(d.device, non_blocking=True)
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16 and not cuda):
+                logits = model(input_ids=tokens).logits
+            losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="sum")
+            (losses / (accum * tokens.numel())).backward()  # FSDP averages over ranks: the global mean
+            loss_sum += losses.detach()
+        grad_norm = _clip(model, cfg.optim.grad_clip)
+        dist.all_reduce(loss_sum)
+        loss = (loss_sum / tokens_per_step).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if t.on_nan == "stop":
+                raise TrainingError(f"step {step + 1}: loss {loss}, grad norm {grad_norm}: not finite; stopping "
+                                    f"(the last checkpoint is untouched; train.on_nan: skip skips such steps)")
+            optimizer.zero_grad(set_to_none=True)
+            if d.rank == 0:
+                print(f"keizoku: step {step + 1}: non-finite loss/gradient, step skipped", flush=True)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        consumed += t.global_batch_size
+        tokens_seen += tokens_per_step
+        elapsed = time.perf_counter() - start
+        if step % cfg.logging.interval == 0 or step == steps:
+            values = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_step / elapsed, "tokens_per_s_per_device": tokens_per_step / elapsed / d.world,
+                      "step_s": elapsed, "data_share": data_time / elapsed, "tokens": tokens_seen}
+            if cuda:
+                values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics.log("train", step, values)
+        if valid and cfg.eval.interval and step % cfg.eval.interval == 0 and step < steps:
+            metrics.log("eval", step, _evaluate(model, valid, cfg, d, eval_samples))
+        stopping = _agree(stop.signal is not None, d.device)
+        if stopping or step == steps and cfg.checkpoint.save_at_end or \
+                cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+            save(step)
+        if stopping:
+            if d.rank == 0:
+                print(f"keizoku: signal {stop.signal}: saved step {step}; resubmit to continue", flush=True)
+            return EXIT_PREEMPTED
+    if valid:
+        metrics.log("eval", step, _evaluate(model, valid, cfg, d, eval_samples))
+    return EXIT_OK
+
+
+def _shard(model, cfg: KeizokuConfig, d: Dist, bf16: bool) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if bf16 and d.device.type == "cuda" else MixedPrecisionPolicy()
+    layers = _decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if cfg.model.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            layer = checkpoint_wrapper(layer)
+            layers[i] = layer
+        if cfg.model.compile:
+            layer.compile()
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    base = getattr(model, model.base_model_prefix, model)
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TrainingError(f"{type(model).__name__}: cannot find its decoder layers to shard")
+    return layers
+
+
+def _clip(model, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _datasets(cfg: KeizokuConfig, run_dir: Path, total_samples: int, eval_samples: int):
+    from keizoku.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_path)
+    if tok.eos_id is None:
+        raise TrainingError("model.tokenizer: the tokenizer has no eos token (the EOD that joins documents)")
+    cache = cfg.data.cache_dir or str(run_dir / "data-cache")
+    return blend.build(cfg.data, seq_length=cfg.data.seq_length, train_samples=total_samples,
+                       eval_samples=eval_samples, eod=tok.eos_id, vocab_size=tok.vocab_size,
+                       fingerprint=tokenizer_fingerprint(tok), cache_dir=cache)
+
+
+def _loader(dataset, sampler, workers: int, pin: bool):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
+                                       persistent_workers=workers > 0)
+
+
+@torch.no_grad()
+def _evaluate(model, valid: dict, cfg: KeizokuConfig, d: Dist, eval_samples: int) -> dict:
+    model.eval()
+    out = {}
+    for name, dataset in valid.items():
+        total = torch.zeros(2, device=d.device)
+        for batch in _loader(dataset, blend.SampleSampler(eval_samples, 0, cfg.train.micro_batch_size, d.rank, d.world),
+                             0, False):
+            tokens, labels = batch["tokens"].to(d.device), batch["labels"].to(d.device)
+            logits = model(input_ids=tokens).logits
+            total[0] += F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="sum")
+            total[1] += labels.numel()
+        dist.all_reduce(total)
+        loss = (total[0] / total[1]).item()
+        out[f"{name}_loss"] = loss
+        out[f"{name}_ppl"] = math.exp(min(loss, 50))
+    model.train()
+    return out

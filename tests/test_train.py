@@ -1,0 +1,192 @@
+"""`keizoku train` (torch engine) end to end on a tiny Llama built here, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import EN_SAMPLE, JA_SAMPLE, SAMPLE_TOKENIZER, keizoku
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny pretrained-looking Llama (random weights saved as a HF checkpoint) and tokenized data."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    base = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=8002, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=8000, eos_token_id=8001))
+    model.save_pretrained(base / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SAMPLE_TOKENIZER / f, base / "model" / f)
+    keizoku("tokenize", JA_SAMPLE, EN_SAMPLE, "-t", SAMPLE_TOKENIZER, "-o", base / "data", "-q")
+    return base
+
+
+def config(setup: Path, run_dir: Path, **changes) -> Path:
+    cfg = {
+        "run_dir": str(run_dir),
+        "model": {"hf_path": str(setup / "model")},
+        "data": {"blend": [{"path": str(setup / "data/ja_sample_text_document"), "weight": 0.9},
+                           {"path": str(setup / "data/en_sample_text_document"), "weight": 0.1}],
+                 "validation": {"ja": [{"path": str(setup / "data/ja_sample_text_document")}],
+                                "en": [{"path": str(setup / "data/en_sample_text_document")}]},
+                 "seq_length": 64, "num_workers": 0},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": STEPS},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4},
+        "schedule": {"warmup_steps": 2},
+        "checkpoint": {"interval": 10},
+        "eval": {"interval": 10, "batches": 2},
+        "logging": {"interval": 1, "tensorboard": False},
+    }
+    for key, value in changes.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def final_weights(run_dir: Path, step: int = STEPS) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = run_dir / f"weights-{step}.pt"
+    dcp_to_torch_save(run_dir / f"checkpoints/step_{step:08d}", out)
+    return torch.load(out, weights_only=False)["model"]
+
+
+def test_loss_falls_from_the_pretrained_model(setup, tmp_path):
+    run = tmp_path / "run"
+    keizoku("train", config(setup, run))
+    evals = metrics(run, "eval")
+    assert [e["step"] for e in evals] == [0, 10, 20]
+    assert evals[-1]["ja_loss"] < evals[0]["ja_loss"] - 0.5 and evals[-1]["en_loss"] < evals[0]["en_loss"]
+    train = metrics(run, "train")
+    assert len(train) == STEPS and train[-1]["tokens"] == STEPS * 8 * 64
+    assert (run / "config.yaml").exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000010", "step_00000020"]
+
+    # the first step's loss is the pretrained model's loss on the first global batch: weights were loaded
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from keizoku.config import load
+    from keizoku.data import blend
+
+    cfg = load(run / "config.yaml")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ds, _ = blend.build(cfg.data, seq_length=64, train_samples=STEPS * 8, eval_samples=4, eod=8001,
+                            vocab_size=8002, fingerprint="x", cache_dir=tmp_path / "cache")
+    finally:
+        dist.destroy_process_group()
+    model = AutoModelForCausalLM.from_pretrained(setup / "model")
+    tokens = torch.stack([torch.as_tensor(ds[i]["tokens"]) for i in range(8)])
+    labels = torch.stack([torch.as_tensor(ds[i]["labels"]) for i in range(8)])
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1)).item()
+    assert train[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+    # export: a Hugging Face directory that transformers loads, with the checkpoint's exact weights and logits
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    out = keizoku("export", run, "--out", tmp_path / "hf").stderr
+    assert "verified: the export reproduces the checkpoint's logits" in out
+    exported = load_file(tmp_path / "hf/model.safetensors")
+    trained = final_weights(run)
+    assert exported.keys() <= trained.keys()
+    for k, v in exported.items():
+        assert torch.equal(v, trained[k]), k
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("テスト").input_ids[0] == 8000
+    assert json.loads((tmp_path / "hf/keizoku_export.json").read_text())["step"] == STEPS
+    proc = keizoku("export", run, "--out", tmp_path / "hf2", "--step", "7", check=False)
+    assert proc.returncode == 1 and "no complete checkpoint for step 7" in proc.stderr
+
+
+def _start(cfg: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "keizoku", "train", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, proc, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training ended before {what}:\n{proc.stdout.read()}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
+    keizoku("train", config(setup, tmp_path / "whole"))
+    run = tmp_path / "killed"
+    cfg = config(setup, run)
+    proc = _start(cfg)
+    _wait_for(lambda: (run / "checkpoints/step_00000010").exists(), proc, "the step-10 checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "checkpoints/step_00000020").exists()
+    (run / "checkpoints/.step_00000015.tmp").mkdir()  # as a kill during a save leaves it: ignored
+    out = keizoku("train", cfg).stdout
+    assert "resumed from" in out and "step_00000010" in out
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(run)
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)
+    assert "training is complete" in keizoku("train", cfg).stdout  # a spare chained job exits at once
+
+
+def test_sigterm_saves_and_exits_resumable(setup, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(setup, run, train__max_steps=60, checkpoint__interval=0)
+    proc = _start(cfg)
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and '"train"' in (run / "metrics.jsonl").read_text(),
+              proc, "the first step")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 3
+    saved = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step_")
+    step = int(saved[0].split("_")[1])
+    assert 1 <= step < 60
+    keizoku("train", cfg)
+    assert metrics(run, "train")[-1]["step"] == 60
+
+
+def test_two_process_torchrun_matches_one_process(setup, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    keizoku("train", config(setup, one, train__max_steps=6, checkpoint__interval=0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "keizoku", "train", str(config(setup, two, train__max_steps=6, checkpoint__interval=0))],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = metrics(one, "train"), metrics(two, "train")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    wa, wb = final_weights(one, 6), final_weights(two, 6)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_config_errors_exit_2(setup, tmp_path):
+    proc = keizoku("train", config(setup, tmp_path / "run"), "train.global_batch_size=7", check=False)
+    assert proc.returncode == 2 and "train.global_batch_size: 7 is not divisible" in proc.stderr
