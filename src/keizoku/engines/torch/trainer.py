@@ -93,6 +93,16 @@ class _Metrics:
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 print("keizoku: tensorboard is not installed; metrics go to metrics.jsonl only", flush=True)
+        self.wandb = None
+        if rank == 0 and cfg.logging.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("logging.wandb: true, but wandb is not installed (pip install wandb)") from None
+            from omegaconf import OmegaConf
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), resume="allow",
+                                    config=OmegaConf.to_container(OmegaConf.structured(cfg)))
 
     def log(self, kind: str, step: int, values: dict) -> None:
         if self.rank != 0:
@@ -102,16 +112,20 @@ class _Metrics:
         self.file.flush()
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
         print(f"[{kind} step {step}] {shown}", flush=True)
+        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.file:
             self.file.close()
         if self.tb:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _fmt(v) -> str:
