@@ -190,3 +190,18 @@ def test_two_process_torchrun_matches_one_process(setup, tmp_path):
 def test_config_errors_exit_2(setup, tmp_path):
     proc = keizoku("train", config(setup, tmp_path / "run"), "train.global_batch_size=7", check=False)
     assert proc.returncode == 2 and "train.global_batch_size: 7 is not divisible" in proc.stderr
+
+
+def test_flops_convention():
+    """6·N + 12·L·H·S with N excluding the input embedding (Llama-3.2-1B shape: tied output layer)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from keizoku.engines.torch.trainer import flops_per_token
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+            num_key_value_heads=8, tie_word_embeddings=True))
+    layer = 2048 * (2048 + 512 + 512 + 2048) + 3 * 2048 * 8192 + 2 * 2048
+    n = 16 * layer + 2048 + 128256 * 2048
+    assert flops_per_token(model, 8192) == 6 * n + 12 * 16 * 2048 * 8192

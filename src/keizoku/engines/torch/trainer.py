@@ -168,6 +168,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
 
     model = load_model(cfg.model, torch.float32, seed=t.seed).to(d.device)  # fp32 master weights
+    flops_token, peak = flops_per_token(model, seq), peak_flops(d.device)
     _shard(model, cfg, d, bf16)
     optimizer = adamw(model, cfg.optim, d.device.type)
     steps, total_samples = blend.samples_for(t.max_steps, t.max_tokens, t.global_batch_size, seq)
@@ -243,6 +244,8 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
                       "step_s": elapsed, "data_share": data_time / elapsed, "tokens": tokens_seen}
             if cuda:
                 values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if peak:
+                values["mfu"] = flops_token * tokens_per_step / elapsed / d.world / peak
             metrics.log("train", step, values)
         if valid and cfg.eval.interval and step % cfg.eval.interval == 0 and step < steps:
             metrics.log("eval", step, _evaluate(model, valid, cfg, d, eval_samples))
@@ -257,6 +260,28 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     if valid:
         metrics.log("eval", step, _evaluate(model, valid, cfg, d, eval_samples))
     return EXIT_OK
+
+
+# dense BF16 peak per GPU, TFLOP/s (MFU's denominator)
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "GH200": 989.4}
+
+
+def flops_per_token(model, seq_length: int) -> float:
+    """Training FLOPs per token: 6·N + 12·L·H·S (N: parameters except the input embedding, output layer
+    included; L layers, H hidden size, S sequence length; the second term is attention)."""
+    cfg = model.config
+    embed = model.get_input_embeddings().weight
+    n = sum(p.numel() for p in model.parameters()) - embed.numel()
+    if getattr(cfg, "tie_word_embeddings", False):
+        n += embed.numel()  # the tied output layer still does its matmul
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_length
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 def _shard(model, cfg: KeizokuConfig, d: Dist, bf16: bool) -> None:
