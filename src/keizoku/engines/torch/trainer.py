@@ -59,11 +59,12 @@ def setup_distributed(cfg: KeizokuConfig) -> Dist:
         device = torch.device("cpu")
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
     if not dist.is_initialized():
+        bind = {"device_id": device} if device.type == "cuda" else {}  # NCCL: no guessing rank -> GPU
         if "RANK" in os.environ:  # torchrun, or keizoku launch
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, **bind)
         else:  # one process: a private store
             store = tempfile.mkdtemp(prefix="keizoku-pg-")
-            dist.init_process_group(backend, init_method=f"file://{store}/store", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"file://{store}/store", rank=0, world_size=1, **bind)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
