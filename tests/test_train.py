@@ -205,3 +205,28 @@ def test_flops_convention():
     layer = 2048 * (2048 + 512 + 512 + 2048) + 3 * 2048 * 8192 + 2 * 2048
     n = 16 * layer + 2048 + 128256 * 2048
     assert flops_per_token(model, 8192) == 6 * n + 12 * 16 * 2048 * 8192
+
+
+def test_compile_and_activation_checkpointing_match_eager(setup, tmp_path):
+    common = dict(train__max_steps=3, checkpoint__interval=0, eval__interval=0)
+    keizoku("train", config(setup, tmp_path / "eager", **common), "eval.at_start=false")
+    keizoku("train", config(setup, tmp_path / "fast", **common), "eval.at_start=false", "model.compile=true",
+            "model.activation_checkpointing=true")
+    eager, fast = metrics(tmp_path / "eager", "train"), metrics(tmp_path / "fast", "train")
+    assert [r["loss"] for r in fast] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_architectures_train(setup, tmp_path, kind):
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    cls = {"qwen2": Qwen2Config, "mistral": MistralConfig}[kind]
+    model = AutoModelForCausalLM.from_config(cls(
+        vocab_size=8002, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=kind == "qwen2"))
+    model.save_pretrained(tmp_path / "model")
+    run = tmp_path / "run"
+    cfg = config(setup, run, train__max_steps=8, checkpoint__interval=0, eval__interval=0)
+    keizoku("train", cfg, f"model.hf_path={tmp_path / 'model'}", f"model.tokenizer={setup / 'model'}")
+    evals = metrics(run, "eval")
+    assert evals[-1]["ja_loss"] < evals[0]["ja_loss"]

@@ -237,7 +237,8 @@ def export(
     from keizoku.config import ConfigError
 
     try:
-        do_export(run_dir, out, step=step, verify=verify, log=lambda m: console.print(m, highlight=False))
+        do_export(run_dir, out, step=step, verify=verify,
+                  log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     except (ExportError, ConfigError, OSError) as e:
         _error(str(e))
         raise typer.Exit(1) from None
