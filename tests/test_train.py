@@ -230,3 +230,19 @@ def test_other_architectures_train(setup, tmp_path, kind):
     keizoku("train", cfg, f"model.hf_path={tmp_path / 'model'}", f"model.tokenizer={setup / 'model'}")
     evals = metrics(run, "eval")
     assert evals[-1]["ja_loss"] < evals[0]["ja_loss"]
+
+
+def test_non_finite_gradients_stop_or_skip_without_saving_them(setup, tmp_path):
+    blowup = ["optim.lr=1e30", "optim.min_lr=1e29", "optim.grad_clip=0", "eval.at_start=false"]
+    run = tmp_path / "stop"
+    proc = keizoku("train", config(setup, run, train__max_steps=6, checkpoint__interval=1), *blowup, check=False)
+    assert proc.returncode == 1 and "not finite; stopping" in proc.stderr
+    failed = int(proc.stderr.split("error: step ")[1].split(":")[0])
+    saved = sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir())
+    assert saved and max(saved) == failed - 1  # nothing from the failing step on
+    run = tmp_path / "skip"
+    proc = keizoku("train", config(setup, run, train__max_steps=6, checkpoint__interval=0), *blowup,
+                   "train.on_nan=skip")
+    assert "step skipped" in proc.stdout
+    weights = final_weights(run, 6)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())

@@ -213,7 +213,10 @@ def train(
     after saving (resubmit to continue).
     """
     from keizoku.config import ConfigError, load
+    from keizoku.data.blend import DataError
     from keizoku.engines import run
+    from keizoku.engines.torch.trainer import TrainingError
+    from keizoku.train.model import ModelLoadError
 
     try:
         cfg = load(config, overrides or [])
@@ -221,7 +224,12 @@ def train(
         for line in str(e).splitlines():
             _error(line)
         raise typer.Exit(2) from None
-    raise typer.Exit(run(cfg))
+    try:
+        status = run(cfg)
+    except (TrainingError, DataError, ModelLoadError) as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+    raise typer.Exit(status)
 
 
 @app.command()
