@@ -31,6 +31,18 @@ def _error(message: str) -> None:
     console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
 
 
+def _load_config(path: Path, overrides: list[str] | None, exit_code: int):
+    """The validated config, or every problem printed (one line per key) and exit."""
+    from keizoku.config import ConfigError, load
+
+    try:
+        return load(path, overrides or [])
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            _error(line)
+        raise typer.Exit(exit_code) from None
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"keizoku {__version__}")
@@ -212,18 +224,12 @@ def train(
     (checkpoint.resume: auto). Exit status: 0 done, 1 failed, 2 bad config, 3 stopped by SIGTERM/SIGUSR1
     after saving (resubmit to continue).
     """
-    from keizoku.config import ConfigError, load
     from keizoku.data.blend import DataError
     from keizoku.engines import run
     from keizoku.engines.torch.trainer import TrainingError
     from keizoku.train.model import ModelLoadError
 
-    try:
-        cfg = load(config, overrides or [])
-    except ConfigError as e:
-        for line in str(e).splitlines():
-            _error(line)
-        raise typer.Exit(2) from None
+    cfg = _load_config(config, overrides, exit_code=2)
     try:
         status = run(cfg)
     except (TrainingError, DataError, ModelLoadError) as e:
@@ -270,15 +276,9 @@ def config_check(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
 ) -> None:
     """Validate CONFIG with overrides, and print the resolved configuration."""
-    from keizoku.config import ConfigError, load, to_yaml
+    from keizoku.config import to_yaml
 
-    try:
-        cfg = load(path, overrides or [])
-    except ConfigError as e:
-        for line in str(e).splitlines():
-            _error(line)
-        raise typer.Exit(1) from None
-    print(to_yaml(cfg), end="")
+    print(to_yaml(_load_config(path, overrides, exit_code=1)), end="")
 
 
 def main() -> None:
