@@ -179,6 +179,9 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path, tokenizer_dirs):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    time.sleep(0.5)  # no worker or checker process outlives the killed run
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
     assert not (out / "big_text_document.bin").exists() and not (out / "big_text_document.idx").exists()
     assert not (out / "keizoku-manifest.json").exists()
     keizoku("tokenize", src, "-t", tokenizer_dirs["llama3.1"], "-o", out, "-q")

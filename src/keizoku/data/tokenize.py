@@ -20,6 +20,8 @@ import json
 import math
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -96,8 +98,18 @@ class RunResult:
 _ENCODER: TextEncoder | None = None
 
 
+def _die_with_parent() -> None:
+    """A worker must not outlive a killed ``keizoku tokenize`` (it would wait for tasks forever)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _init_worker(spec: EncoderSpec) -> None:
     global _ENCODER
+    _die_with_parent()
     _ENCODER = encoder_for(spec)  # a forked worker inherits the parent's; a spawned one builds it
 
 
@@ -408,7 +420,7 @@ def _tokenize_groups(groups, prep, *, opts, dtype, bos, eod, workers, manifest, 
         if workers > 1 else None
     # an unverified fast path is checked in another process while tokenizing starts; nothing is
     # published (renamed into place, entered in the manifest) before the check has passed
-    checker = pool or (ProcessPoolExecutor(1, mp_context=ctx) if prep.fallback else None)
+    checker = pool or (ProcessPoolExecutor(1, mp_context=ctx, initializer=_die_with_parent) if prep.fallback else None)
     check = checker.submit(check_fast_path, prep.spec, sample, prep.info.fingerprint) if prep.fallback else None
 
     def before_publish() -> None:
