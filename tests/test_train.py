@@ -246,3 +246,12 @@ def test_non_finite_gradients_stop_or_skip_without_saving_them(setup, tmp_path):
     assert "step skipped" in proc.stdout
     weights = final_weights(run, 6)
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_wandb_offline_when_installed(setup, tmp_path):
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    keizoku("train", config(setup, run, train__max_steps=2, checkpoint__interval=0, eval__interval=0),
+            "logging.wandb=true", "logging.wandb_project=keizoku-test", env=env)
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
