@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -112,8 +113,6 @@ def tokenize(
 
         keizoku tokenize data/ja/ --tokenizer meta-llama/Llama-3.1-8B --output-dir tokenized/ja
     """
-    import os
-
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
     from keizoku.data.readers import InputError
     from keizoku.data.tokenize import TokenizeError, TokenizeOptions, run, summarize
@@ -234,8 +233,13 @@ def train(
         status = run(cfg)
     except (TrainingError, DataError, ModelLoadError) as e:
         _error(str(e))
-        raise typer.Exit(1) from None
-    raise typer.Exit(status)
+        status = 1
+    # Everything is written and the process group is gone; leave without interpreter teardown, where
+    # C++ threads of torch.distributed/gloo can abort the process ("terminate called without an active
+    # exception") and turn a finished run into a failed exit status.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @app.command()
