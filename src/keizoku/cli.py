@@ -231,7 +231,7 @@ def train(
     cfg = _load_config(config, overrides, exit_code=2)
     try:
         status = run(cfg)
-    except (TrainingError, DataError, ModelLoadError) as e:
+    except (TrainingError, DataError, ModelLoadError, NotImplementedError) as e:
         _error(str(e))
         status = 1
     # Everything is written and the process group is gone; leave without interpreter teardown, where
