@@ -1,8 +1,8 @@
 """Input discovery and chunked reading of JSONL (plain, gzip, zstd) and Parquet files.
 
 Readers run in the main process and hand out *chunks*: a few MB of whole lines (or a Parquet record
-batch) with the number of their first line, so that worker processes can parse and tokenize them and
-every error can still name ``path:line``. Reading is cheap next to tokenizing; keeping it in one place
+batch) with the number of their first line, so that every parse error can name ``path:line`` and
+worker processes can tokenize chunk by chunk. Reading is cheap next to tokenizing; keeping it in one place
 keeps the output order fixed whatever the number of workers.
 """
 

@@ -1,12 +1,12 @@
 """``keizoku tokenize``: JSONL/Parquet documents → Megatron indexed datasets (``.bin``/``.idx``).
 
-Pipeline: the main process reads inputs in chunks of whole lines (``readers``), worker processes parse
-and tokenize each chunk and return one numpy array of ids plus per-document lengths, and the main
-process appends those to the dataset files in input order (``indexed``). Per-document token lists never
-cross a process boundary (the bottleneck of Megatron-LM's ``preprocess_data.py``), so throughput
-scales with workers; results are consumed in submission order, so the output is the same for any
-number of workers. At most ``2 × workers + 1`` chunks are in flight: memory does not grow with the
-input size.
+Pipeline: the main process reads inputs in chunks of whole lines (``readers``) and parses the JSON,
+worker processes tokenize each chunk's texts and return one numpy array of ids plus per-document
+lengths, and the main process appends those to the dataset files in input order (``indexed``). With
+one worker, tokenizing happens in the main process. Per-document token lists never cross a process
+boundary (the bottleneck of Megatron-LM's ``preprocess_data.py``), so throughput scales with workers;
+results are consumed in submission order, so the output is the same for any number of workers. At
+most ``2 × workers + 1`` chunks are in flight: memory does not grow with the input size.
 
 Document rule (Megatron's): ids = [BOS if --add-bos] + tokenize(text); if ids is non-empty and
 --append-eod, EOD (the tokenizer's eos) is appended. An empty document therefore gets no EOD and is
