@@ -1,0 +1,96 @@
+"""Helpers for the launch tests: a tiny model and data, configs, scheduler availability, waiting."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import JA_SAMPLE, SAMPLE_TOKENIZER, keizoku
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "launch_data"
+REQUIRE = os.environ.get("KEIZOKU_REQUIRE_SCHEDULERS") == "1"  # set by .ci/run: a missing scheduler fails
+SGE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
+
+
+def need(*commands: str, why: str = "") -> None:
+    """Skip (or, under KEIZOKU_REQUIRE_SCHEDULERS=1, fail) unless every command is on PATH."""
+    missing = [c for c in commands if shutil.which(c) is None]
+    if missing:
+        reason = f"{', '.join(missing)} not installed{': ' + why if why else ''} (.ci/run installs and starts it)"
+        if REQUIRE:
+            pytest.fail(f"KEIZOKU_REQUIRE_SCHEDULERS=1 but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny Llama saved as a Hugging Face checkpoint, and the Japanese sample tokenized."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    base = tmp_path_factory.mktemp("launch-tiny")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=8002, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=8000, eos_token_id=8001))
+    model.save_pretrained(base / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SAMPLE_TOKENIZER / f, base / "model" / f)
+    keizoku("tokenize", JA_SAMPLE, "-t", SAMPLE_TOKENIZER, "-o", base / "data", "-q")
+    return base
+
+
+def write_config(tiny: Path, run_dir: Path, max_steps: int, interval: int = 0) -> Path:
+    """Seconds of training on two ranks: 32-token sequences, a global batch of 4."""
+    cfg = {"run_dir": str(run_dir), "model": {"hf_path": str(tiny / "model")},
+           "data": {"blend": [{"path": str(tiny / "data/ja_sample_text_document")}], "seq_length": 32,
+                    "num_workers": 0},
+           "train": {"global_batch_size": 4, "micro_batch_size": 1, "max_steps": max_steps},
+           "optim": {"lr": 1e-3, "min_lr": 1e-4}, "checkpoint": {"interval": interval},
+           "eval": {"interval": 0, "at_start": False}, "logging": {"tensorboard": False}}
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def world_size(record: dict) -> int:
+    return round(record["tokens_per_s"] / record["tokens_per_s_per_device"])
+
+
+def job_records(run_dir: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "jobs").glob("*.json"))}
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2, on_timeout=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{on_timeout()}")
+        time.sleep(interval)
+
+
+def logs(run_dir: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')}" for p in sorted((run_dir / "logs").glob("*")))
+
+
+def cli(*args, env: dict | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "keizoku", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)

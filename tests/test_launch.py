@@ -1,0 +1,429 @@
+"""keizoku launch / submit / status without a scheduler: allocation and rank parsing from variables captured in
+real jobs (tests/launch_data), port locking, profiles, golden job scripts, and real launches over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from launch_support import (  # noqa: F401
+    DATA,
+    REQUIRE,
+    cli,
+    job_records,
+    need,
+    tiny,
+    train_records,
+    wait_until,
+    world_size,
+    write_config,
+)
+
+from keizoku.launch import allocation, port, profile, ranks, script
+from keizoku.launch.allocation import AllocationError
+from keizoku.launch.submit import prepare
+
+GOLDEN = DATA / "golden"
+
+
+def read_env(name: str, **extra) -> dict:
+    env = {}
+    for line in (DATA / name).read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    env.update(extra)
+    return env
+
+
+# --- allocation -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, hosts", [
+    ("node[1-2]", ["node1", "node2"]),
+    ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+    ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),
+    ("r1n[008-010]", ["r1n008", "r1n009", "r1n010"]),
+    ("single", ["single"]),
+])
+def test_slurm_nodelist_expands_like_scontrol(spec, hosts):
+    assert allocation.expand_nodelist(spec) == hosts
+    if shutil.which("scontrol"):  # the real thing agrees
+        out = subprocess.run(["scontrol", "show", "hostnames", spec], capture_output=True, text=True).stdout
+        assert out.split() == hosts
+
+
+def test_slurm_nodelist_errors_name_the_variable():
+    with pytest.raises(AllocationError, match=r"SLURM_JOB_NODELIST: unbalanced"):
+        allocation.expand_nodelist("gpu[1-2")
+    with pytest.raises(AllocationError, match=r"bad range 'x'"):
+        allocation.expand_nodelist("gpu[x]")
+
+
+def test_grid_engine_allocation_from_a_real_job(tmp_path):
+    hostfile = tmp_path / "pe_hostfile"
+    shutil.copy(DATA / "gridengine.pe_hostfile", hostfile)  # "vm 2 all.q@vm UNDEFINED", from a real job
+    alloc = allocation.detect(read_env("gridengine.env", PE_HOSTFILE=str(hostfile)), hostname="vm")
+    assert (alloc.scheduler, alloc.job_id, alloc.hosts, alloc.slots) == ("gridengine", "2", ["vm"], [2])
+    # TSUBAME-style: several hosts, one queue line each, a host listed for two queues; the batch host goes first
+    hostfile.write_text("r1n1 4 node_f.q@r1n1 UNDEFINED\nr2n5 4 node_f.q@r2n5 UNDEFINED\n"
+                        "r2n5 2 other.q@r2n5 UNDEFINED\nr3n2 4 node_f.q@r3n2 UNDEFINED\n")
+    alloc = allocation.detect({"JOB_ID": "77", "PE_HOSTFILE": str(hostfile)}, hostname="r2n5.t4.gsic.titech.ac.jp")
+    assert alloc.hosts == ["r2n5", "r1n1", "r3n2"] and alloc.slots == [6, 4, 4]
+    hostfile.write_text("r1n1 four node_f.q@r1n1 UNDEFINED\n")
+    with pytest.raises(AllocationError, match=rf"{hostfile}:1: expected 'host slots queue processors'"):
+        allocation.detect({"JOB_ID": "77", "PE_HOSTFILE": str(hostfile)})
+    with pytest.raises(AllocationError, match="PE_HOSTFILE=/nonexistent: cannot read"):
+        allocation.detect({"JOB_ID": "77", "PE_HOSTFILE": "/nonexistent"})
+
+
+def test_pbs_allocation_from_a_real_format_nodefile():
+    env = read_env("pbs.env", PBS_NODEFILE=str(DATA / "pbs.nodefile"))
+    alloc = allocation.detect(env, hostname="hnode017.abci.local")
+    assert alloc.scheduler == "pbs" and alloc.job_id == "412345.pbs1"
+    assert alloc.hosts == ["hnode017.abci.local", "hnode001.abci.local"] and alloc.slots == [8, 8]
+    assert allocation.parse_nodefile("a slots=4\nb slots=4\n# comment\n") == [("a", 4), ("b", 4)]
+
+
+def test_slurm_allocation_from_a_real_batch_shell():
+    alloc = allocation.detect(read_env("slurm-batch.env"), hostname="vm")
+    assert (alloc.scheduler, alloc.job_id, alloc.hosts, alloc.slots, alloc.batch_host) == \
+        ("slurm", "2", ["node1", "node2"], [2, 2], "node1")
+    alloc = allocation.detect(read_env("slurm-batch.env", SLURMD_NODENAME="node2"))
+    assert alloc.hosts == ["node2", "node1"]  # rank 0 on the batch host
+
+
+def test_keizoku_hosts_narrows_and_checks_the_allocation():
+    env = read_env("slurm-batch.env", KEIZOKU_HOSTS="node2,node2")
+    assert allocation.detect(env).hosts == ["node2", "node2"]  # two node launchers on one host
+    with pytest.raises(AllocationError, match=r"KEIZOKU_HOSTS: 'node9' is not in this job's allocation"):
+        allocation.detect(read_env("slurm-batch.env", KEIZOKU_HOSTS="node1 node9"))
+    local = allocation.detect({"KEIZOKU_HOSTS": "localhost,localhost", "KEIZOKU_LOCAL_JOB_ID": "j1"})
+    assert (local.scheduler, local.job_id, local.hosts) == ("local", "j1", ["localhost", "localhost"])
+
+
+# --- ranks ------------------------------------------------------------------------------------------------------
+
+def test_ranks_from_real_slurm_and_openmpi_tasks():
+    seen = set()
+    for i in range(4):
+        r = ranks.from_env(read_env(f"slurm-step.{i}.env"))
+        assert (r.rank, r.world_size, r.local_world_size) == (i, 4, 2) and r.local_rank == i % 2
+        seen.add((r.rank, r.local_rank))
+    assert len(seen) == 4
+    assert ranks.from_env(read_env("slurm-batch.env")) is None  # the batch shell is not a task
+    for i in range(3):
+        r = ranks.from_env(read_env(f"openmpi.{i}.env"))
+        assert (r.source, r.rank, r.world_size, r.local_rank, r.local_world_size) == ("Open MPI", i, 3, i, 3)
+    env = ranks.from_env({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4"})
+    assert env.torch_env("h", 1234) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                                        "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    with pytest.raises(ranks.RankError, match="inconsistent"):
+        ranks.from_env({"OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"})
+    with pytest.raises(ranks.RankError, match="OMPI_COMM_WORLD_SIZE='x': expected an integer"):
+        ranks.from_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "x"})
+
+
+def test_worker_derives_rendezvous_for_a_users_own_mpirun(tmp_path):
+    from keizoku.launch.worker import torch_env
+
+    hostfile = tmp_path / "pe_hostfile"
+    hostfile.write_text("r1n1 4 q@r1n1 UNDEFINED\nr1n2 4 q@r1n2 UNDEFINED\n")
+    env = {**read_env("openmpi.1.env"), "JOB_ID": "4242", "PE_HOSTFILE": str(hostfile)}
+    got = torch_env(env)
+    assert got["RANK"] == "1" and got["MASTER_ADDR"] == "r1n1"
+    assert got["MASTER_PORT"] == str(port.first_candidate("4242"))  # every rank computes the same port
+    assert torch_env({**env, "MASTER_ADDR": "x", "MASTER_PORT": "999"})["MASTER_PORT"] == "999"
+
+
+# --- ports ------------------------------------------------------------------------------------------------------
+
+def test_two_jobs_on_one_node_cannot_pick_the_same_port(tmp_path):
+    lock_dir = str(tmp_path / "locks")
+    p1, fd1 = port.pick_port("123", lock_dir)
+    assert p1 == port.first_candidate("123")
+    # the same job id (or a colliding one) while the first job runs: the next free port
+    p2, fd2 = port.pick_port("123", lock_dir)
+    assert p2 != p1
+    # a holder in another process blocks it too
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,os,sys,time; fd=os.open(sys.argv[1], os.O_RDWR);"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               f"{lock_dir}/{port.first_candidate('999')}.lock"], stdout=subprocess.PIPE, text=True)
+    try:
+        open(f"{lock_dir}/{port.first_candidate('999')}.lock", "a").close()
+        assert holder.stdout.readline().strip() == "locked"
+        p3, fd3 = port.pick_port("999", lock_dir)
+        assert p3 != port.first_candidate("999")
+    finally:
+        holder.kill()
+        holder.wait()
+    os.close(fd1)
+    assert port.pick_port("123", lock_dir)[0] == p1  # freed with its holder
+    # a port some other program listens on is skipped
+    busy = socket.socket()
+    busy.bind(("", port.first_candidate("busy")))
+    busy.listen()
+    try:
+        assert port.pick_port("busy", lock_dir)[0] != port.first_candidate("busy")
+    finally:
+        busy.close()
+    assert 20000 <= p2 < 32000
+
+
+# --- profiles ---------------------------------------------------------------------------------------------------
+
+def test_shipped_profiles_load_and_explain_what_is_missing():
+    for name in ("local", "slurm", "tsubame4", "abci3"):
+        assert (profile.SHIPPED / f"{name}.yaml").exists()
+    assert profile.load("slurm").starter == "srun"
+    with pytest.raises(profile.ProfileError, match=r"profile tsubame4: group: required by this profile; pass "
+                                                   r"--set group="):
+        profile.load("tsubame4")
+    p = profile.load("tsubame4", ["group=tga123", "nodes=4", "env.NCCL_DEBUG=INFO"])
+    assert (p.group, p.nodes, p.env["NCCL_DEBUG"], p.scheduler) == ("tga123", 4, "INFO", "gridengine")
+    with pytest.raises(profile.ProfileError, match=r"profile 'nope' not found \(known: abci3, local, slurm, tsubame4"):
+        profile.load("nope")
+    with pytest.raises(profile.ProfileError, match=r"warning_signal_s: 300 s is not less than the walltime"):
+        profile.load("slurm", ["walltime=00:05:00"])
+    with pytest.raises(profile.ProfileError, match=r"walltime: 'soon' is not HH:MM:SS"):
+        profile.load("slurm", ["walltime=soon"])
+
+
+def test_user_profiles_extend_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEIZOKU_PROFILE_PATH", str(tmp_path))
+    (tmp_path / "tsubame4.yaml").write_text("base: tsubame4\ngroup: tga999\nsetup: [module load cuda/12.8]\n")
+    p = profile.load("tsubame4")  # the user's file of the same name, on top of the shipped one
+    assert (p.group, p.setup, p.gpus_per_node) == ("tga999", ["module load cuda/12.8"], 4)
+    assert profile.available()["tsubame4"] == tmp_path / "tsubame4.yaml"
+    (tmp_path / "bad.yaml").write_text("base: slurm\nnodez: 3\n")
+    with pytest.raises(profile.ProfileError, match=r"bad.yaml: nodez: Key 'nodez' not in 'Profile'"):
+        profile.load("bad")
+    (tmp_path / "mpi.yaml").write_text("base: slurm\nlauncher: mpi\nstarter: qrsh\n")
+    with pytest.raises(profile.ProfileError, match="starter: launcher mpi needs srun or mpirun"):
+        profile.load("mpi")
+
+
+# --- job scripts (golden files) ---------------------------------------------------------------------------------
+
+def golden_script(name: str, sets: list[str], launcher_sets: list[str] = (), container: str | None = None) -> str:
+    from keizoku.config import load
+
+    cfg_text = "run_dir: runs/llama-ja\nmodel: {hf_path: /models/Llama-3.1-8B}\ndata: {mock: true}\n" \
+               "train: {max_steps: 1000, global_batch_size: 64}\n"
+    work = Path("/work/proj")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg_path = Path(d) / "run.yaml"
+        cfg_path.write_text(cfg_text)
+        cfg = load(cfg_path)
+    prof = profile.load(name, [*sets, *launcher_sets, "python=/opt/venv/bin/python"])
+    plan, _, text = prepare(cfg, Path("configs/run.yaml"), ["optim.lr=1e-5"], prof, workdir=work,
+                            sid="20250101-000000", container=Path(container) if container else None,
+                            command="keizoku submit configs/run.yaml optim.lr=1e-5 ...")
+    from keizoku import __version__
+
+    return text.replace(f"keizoku {__version__} submit", "keizoku VERSION submit") + "\n# plan:\n" + plan.to_json()
+
+
+@pytest.mark.parametrize("case, name, sets, container", [
+    ("abci3", "abci3", ["group=gaa50000", "nodes=4", "walltime=12:00:00"], None),
+    ("tsubame4", "tsubame4", ["group=tga-ja", "nodes=2"], None),
+    ("slurm", "slurm", ["nodes=8", "queue=gpu", "group=proj1"], None),
+    ("slurm-mpi-container", "slurm", ["nodes=2", "launcher=mpi"], "images/keizoku.sif"),
+])
+def test_job_scripts_match_golden_files(case, name, sets, container):
+    text = golden_script(name, sets, container=container)
+    path = GOLDEN / f"{case}.sh"
+    if os.environ.get("KEIZOKU_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; KEIZOKU_UPDATE_GOLDEN=1 rewrites it after review"
+    subprocess.run(["bash", "-n"], input=text.split("\n# plan:\n")[0], text=True, check=True)  # valid shell
+
+
+def test_submit_commands_chain_and_job_ids():
+    p = profile.load("abci3", ["group=gaa50000"])
+    s = Path("/r/job.sh")
+    assert script.submit_command(p, s) == ["qsub", "/r/job.sh"]
+    assert script.submit_command(p, s, "412345.pbs1") == ["qsub", "-W", "depend=afterany:412345.pbs1", "/r/job.sh"]
+    g = profile.load("tsubame4", ["group=tga1"])
+    assert script.submit_command(g, s, "77") == ["qsub", "-terse", "-g", "tga1", "-hold_jid", "77", "/r/job.sh"]
+    assert script.submit_command(profile.load("slurm"), s, "9") == \
+        ["sbatch", "--parsable", "--dependency=afterany:9", "/r/job.sh"]
+    assert script.parse_job_id("pbs", "412345.pbs1\n") == "412345.pbs1"
+    assert script.parse_job_id("gridengine", "77\n") == "77"
+    assert script.parse_job_id("gridengine", 'Your job 78 ("x") has been submitted\n') == "78"
+    assert script.parse_job_id("slurm", "9;cluster\n") == "9"
+    with pytest.raises(ValueError, match="cannot read a job id"):
+        script.parse_job_id("slurm", "sbatch: error: invalid partition\n")
+
+
+def test_dry_run_prints_the_script_and_writes_nothing(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"run_dir: {tmp_path}/run\nmodel: {{hf_path: m}}\ndata: {{mock: true}}\ntrain: {{max_steps: 5}}\n")
+    proc = cli("submit", cfg, "--profile", "abci3", "--set", "group=gaa1", "-N", "2", "--chain", "3", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "#PBS -l select=2" in proc.stdout and "#PBS -P gaa1" in proc.stdout and "#PBS -q rt_HF" in proc.stdout
+    assert proc.stdout.count("#   qsub") == 3 and "depend=afterany:<job 2>" in proc.stdout
+    assert not (tmp_path / "run").exists()
+    proc = cli("submit", cfg, "--profile", "tsubame4", "--dry-run")
+    assert proc.returncode == 2 and "group: required by this profile" in proc.stderr
+    proc = cli("submit", cfg, "train.max_steps=0", "--profile", "slurm", "--dry-run")
+    assert proc.returncode == 2 and "train.max_steps: must be at least 1" in proc.stderr
+
+
+# --- real launches over loopback ----------------------------------------------------------------------------------
+
+def test_two_node_agents_rendezvous_over_loopback(tiny, tmp_path):
+    """Two node agents (two "nodes" on this host) x one process: a real env:// rendezvous between them."""
+    run = tmp_path / "run"
+    cfg = write_config(tiny, run, max_steps=4)
+    t0 = time.monotonic()
+    proc = cli("launch", cfg, env={"KEIZOKU_HOSTS": "localhost,localhost", "KEIZOKU_LOCAL_JOB_ID": "lo1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 node(s) [localhost, localhost] × 1 process(es) = world size 2" in proc.stderr
+    records = train_records(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and world_size(records[-1]) == 2
+    job = job_records(run)["lo1"]
+    assert job["state"] == "completed" and job["exit_status"] == 0 and job["world_size"] == 2
+    assert (run / "checkpoints/step_00000004/trainer_state.json").exists()
+    first = time.monotonic() - t0
+    t0 = time.monotonic()
+    again = cli("launch", cfg)  # a spare chained job: nothing starts
+    assert again.returncode == 0 and "training is complete (step 4 of 4); nothing to run" in again.stderr
+    assert time.monotonic() - t0 < min(10.0, first)
+
+
+def _worker_pids(cfg: Path) -> dict[int, int]:
+    """{rank: pid} of the training processes of a config, from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            env = dict(kv.split(b"=", 1) for kv in (entry / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"train" in cmd and str(cfg).encode() in cmd and b"RANK" in env:
+            found[int(env[b"RANK"])] = int(entry.name)
+    return found
+
+
+def test_a_killed_rank_ends_the_launch_quickly(tiny, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tiny, run, max_steps=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "keizoku", "launch", str(cfg), "--nproc-per-node", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: len(train_records(run)) >= 2, 120, "two training steps",
+                   on_timeout=lambda: proc.poll() is not None and proc.stdout.read() or "")
+        pids = _worker_pids(cfg)
+        assert sorted(pids) == [0, 1]
+        os.kill(pids[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        status = proc.wait(timeout=90)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    assert status == 137, out  # the killed rank's status, 128 + SIGKILL
+    assert "rank 1" in out and "killed by SIGKILL" in out
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    assert not _worker_pids(cfg), "a training process outlived the launch"
+
+
+def test_walltime_signal_saves_then_a_local_chain_resumes(tiny, tmp_path):
+    """SIGUSR2 (Grid Engine's -notify) to the driver: every rank saves, exit 3; `submit --profile local`
+    then resumes to the end; status reports it."""
+    run = tmp_path / "run"
+    cfg = write_config(tiny, run, max_steps=30)
+    proc = subprocess.Popen([sys.executable, "-m", "keizoku", "launch", str(cfg), "--nproc-per-node", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "KEIZOKU_LOCAL_JOB_ID": "sig1"})
+    try:
+        wait_until(lambda: len(train_records(run)) >= 2, 120, "two training steps")
+        proc.send_signal(signal.SIGUSR2)
+        status = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    assert status == 3, out
+    assert "SIGUSR2 received: asking every node to save a checkpoint and stop" in out
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(saved) == 1 and 2 <= int(saved[0][5:]) < 30
+    assert job_records(run)["sig1"]["state"] == "stopped after saving"
+
+    sub = cli("submit", cfg, "--profile", "local", "--chain", "2")
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    assert f"resumed from {run}/checkpoints/{saved[0]}" in sub.stdout + sub.stderr
+    assert train_records(run)[-1]["step"] == 30
+    status = json.loads(cli("status", run, "--json").stdout)
+    assert status["checkpoint_step"] == 30 and status["total_steps"] == 30 and status["last"]["step"] == 30
+    states = {j["job_id"]: j["state"] for j in status["jobs"]}
+    assert states["sig1"] == "stopped after saving"
+    assert sorted(states.values()) == ["completed", "stopped after saving"]  # the chain stopped when complete
+    table = cli("status", run).stdout
+    assert "step 30 of 30" in table and "step_00000030" in table
+
+
+def test_mpi_style_launch_with_open_mpi(tiny, tmp_path):
+    """launcher: mpi — mpirun starts one process per slot; ranks come from OMPI_COMM_WORLD_*."""
+    need("mpirun", why="Open MPI")
+    prof = tmp_path / "ompi.yaml"
+    prof.write_text(yaml.safe_dump({"base": "local", "launcher": "mpi", "starter": "mpirun", "procs_per_node": 2,
+                                    "mpirun": ["mpirun", "--allow-run-as-root", "--oversubscribe"]}))
+    run = tmp_path / "run"
+    cfg = write_config(tiny, run, max_steps=3)
+    proc = cli("launch", cfg, "--profile", prof, env={"KEIZOKU_LOCAL_JOB_ID": "mpi1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = train_records(run)
+    assert records[-1]["step"] == 3 and world_size(records[-1]) == 2
+    assert job_records(run)["mpi1"]["launcher"] == "mpi"
+
+
+def test_container_wraps_training_and_runs_the_driver_standalone(tiny, tmp_path):
+    """--container: the job script runs a copy of the driver with the node's python3 (no keizoku importable),
+    and every keizoku process through `RUNTIME exec --nv -B ... IMAGE python`. Apptainer is not packaged for
+    Debian 12, so a stand-in runtime records its arguments and runs the command after the image."""
+    runtime = tmp_path / "apptainer"
+    calls = tmp_path / "calls.txt"
+    runtime.write_text("#!/bin/bash\n"
+                       f"echo \"$*\" >> {calls}\n"
+                       "[ \"$1\" = exec ] || exit 64; shift\n"
+                       "while [ \"${1:-}\" = --nv ] || [ \"${1:-}\" = -B ]; do [ \"$1\" = -B ] && shift; shift; done\n"
+                       "[ -f \"$1\" ] || { echo \"no image $1\" >&2; exit 65; }; shift\n"
+                       "exec \"$@\"\n")
+    runtime.chmod(0o755)
+    image = tmp_path / "keizoku.sif"
+    image.write_text("stand-in image")
+    prof = tmp_path / "box.yaml"
+    prof.write_text(yaml.safe_dump({"base": "local", "container": {"runtime": str(runtime), "python": sys.executable,
+                                                                   "binds": ["/data"]}}))
+    run = tmp_path / "run"
+    cfg = write_config(tiny, run, max_steps=2)
+    host_python = shutil.which("python3", path="/usr/bin:/bin")
+    assert host_python and subprocess.run([host_python, "-c", "import keizoku"], capture_output=True).returncode != 0
+    host_env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    proc = cli("submit", cfg, "--profile", prof, "--container", image, env=host_env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert train_records(run)[-1]["step"] == 2
+    job_script = next((run / "submit").glob("*.sh"))
+    assert "exec python3 " in job_script.read_text() and ".launch/driver.py --plan" in job_script.read_text()
+    again = subprocess.run(["bash", str(job_script)], capture_output=True, text=True, env=host_env, timeout=120)
+    assert again.returncode == 0 and "training is complete (step 2 of 2)" in again.stderr, again.stderr
+    lines = calls.read_text().splitlines()
+    assert any("keizoku.launch.progress total-steps" in c for c in lines)  # the completeness check, inside
+    agent = next(c for c in lines if "keizoku.launch.agent" in c)
+    assert agent.startswith(f"exec --nv -B {tmp_path} -B {run} ") and f"-B /data {image} {sys.executable}" in agent
