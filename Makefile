@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine:
-#   make quickstart   set up .venv and run keizoku on the bundled sample
+#   make quickstart   set up .venv and run keizoku quickstart (the whole pipeline on bundled data, CPU)
 #   make test         set up .venv and run the test suite
 # The dev/CI install pins the CPU build of torch (constraints/cpu.txt); the package itself asks for torch>=2.4.
 
@@ -8,7 +8,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keizoku-installed
 OUT ?= quickstart-out
-ASSETS := src/keizoku/assets
 
 .PHONY: install quickstart test clean
 
@@ -21,9 +20,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	touch $@
 
 quickstart: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/keizoku tokenize $(ASSETS)/data/ja_sample.jsonl.gz $(ASSETS)/data/en_sample.jsonl.gz \
-		--tokenizer $(ASSETS)/tokenizer --output-dir $(OUT)/tokenized
-	HF_HUB_OFFLINE=1 $(BIN)/keizoku inspect $(OUT)/tokenized/ja_sample_text_document --decode 1
+	HF_HUB_OFFLINE=1 $(BIN)/keizoku quickstart --out $(OUT)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
