@@ -82,8 +82,3 @@ def test_cli(tmp_path):
     assert "global_batch_size: 4" in out
     assert keizoku("config", "defaults").stdout == defaults_yaml()
     assert Path(ROOT / "examples/llama31_8b_cpt.yaml").exists()
-
-
-def test_tiny_cpu_example_validates():
-    cfg = load(ROOT / "examples/tiny_cpu.yaml")
-    assert cfg.model.hf_path == "quickstart-out/tiny-llama" and cfg.train.max_steps == 60

@@ -70,7 +70,7 @@ def quickstart(
     steps: Annotated[int, typer.Option(help="Continual pre-training steps (8 sequences of 256 tokens each).",
                                        min=1)] = 60,
     base_steps: Annotated[int, typer.Option(help="Pre-training steps of the tiny base model on English.",
-                                            min=1)] = 40,
+                                            min=1)] = 30,
 ) -> None:
     """The whole pipeline on a CPU in about a minute, with bundled data and a tiny model.
 

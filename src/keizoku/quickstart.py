@@ -54,7 +54,7 @@ class QuickstartError(RuntimeError):
 @dataclass
 class Options:
     out: Path
-    base_steps: int = 40
+    base_steps: int = 30
     steps: int = 60
     seq_length: int = 256
     global_batch_size: int = 8
@@ -230,7 +230,7 @@ class _Quickstart:
             "train": {"max_steps": self.opts.steps},
             "optim": {"lr": 2e-3, "min_lr": 2e-4},
             "schedule": {"warmup_steps": _warmup(self.opts.steps)},
-            "eval": {"interval": max(1, self.opts.steps // 6), "at_start": True},
+            "eval": {"interval": max(1, self.opts.steps // 3), "at_start": True},
         })
         self._train(cfg)
         shutil.copy(GPU_EXAMPLE, run_dir / GPU_EXAMPLE.name)
@@ -289,10 +289,11 @@ class _Quickstart:
         common = {
             "engine": "torch",
             "data": {"seq_length": self.opts.seq_length, "num_workers": 0},
-            "train": {"global_batch_size": self.opts.global_batch_size, "micro_batch_size": 4, "device": "cpu"},
+            "train": {"global_batch_size": self.opts.global_batch_size, "micro_batch_size": self.opts.global_batch_size,
+                      "device": "cpu"},
             "schedule": {"kind": "cosine"},
             "checkpoint": {"interval": 0, "keep_last": 1},
-            "eval": {"batches": 8},
+            "eval": {"batches": 4},  # 4 x 8 sequences per validation set
             "logging": {"interval": 5, "tensorboard": False},
         }
         path = self.out / "configs" / f"{name}.yaml"
