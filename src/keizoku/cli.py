@@ -254,7 +254,7 @@ def train(
 
     One process on a laptop, or under torchrun on many GPUs and nodes:
     torchrun --nproc-per-node 8 -m keizoku train CONFIG.yaml. Resumes from the run's latest checkpoint
-    (checkpoint.resume: auto). Exit status: 0 done, 1 failed, 2 bad config, 3 stopped by SIGTERM/SIGUSR1
+    (checkpoint.resume: auto). Exit status: 0 done, 1 failed, 2 bad config, 3 stopped by SIGTERM/SIGUSR1/SIGUSR2
     after saving (resubmit to continue).
     """
     from keizoku.data.blend import DataError
@@ -294,6 +294,161 @@ def export(
     except (ExportError, ConfigError, OSError) as e:
         _error(str(e))
         raise typer.Exit(1) from None
+
+
+def _launch_profile(name: Optional[str], sets: Optional[list[str]]):
+    from keizoku.launch.profile import ProfileError, load
+
+    try:
+        return load(name, sets or []) if name else None
+    except ProfileError as e:
+        for line in str(e).splitlines():
+            _error(line)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def launch(
+    config: Annotated[Path, typer.Argument(help="A keizoku YAML config.", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Site profile (name or YAML file) for "
+                                                   "the launcher, starter, environment; default: by scheduler.")] = None,
+    starter: Annotated[Optional[str], typer.Option(help="srun, mpirun, pbsdsh, qrsh, ssh or local (default: srun "
+                                                   "under Slurm, qrsh under Grid Engine, pbsdsh under PBS).")] = None,
+    launcher: Annotated[Optional[str], typer.Option(help="node (an agent per node) or mpi (a process per GPU "
+                                                    "from the starter).")] = None,
+    nproc_per_node: Annotated[int, typer.Option(help="Training processes per node (0: one per visible GPU, or 1).")] = 0,
+) -> None:
+    """Run training on the nodes of the current allocation (inside a qsub/sbatch job, or on this machine).
+
+    Reads the scheduler's variables (Grid Engine PE_HOSTFILE, PBS_NODEFILE, SLURM_JOB_NODELIST; none: this
+    machine), picks the rendezvous (this host, a port no other job here holds), starts one agent per node
+    (srun, mpirun, pbsdsh, qrsh -inherit, ssh) that starts a training process per GPU, relays the
+    walltime warning (SIGUSR1/SIGUSR2/SIGTERM: save and exit 3) and stops every node if one fails. Exits at
+    once with 0 when the run is already complete. Started as one of several tasks by mpirun or srun, it is
+    one training process: ranks from OMPI_COMM_WORLD_*, PMI_*, SLURM_PROCID, ...
+
+    Exit status: 0 done, 1 failed (or the failed rank's status), 2 bad config, 3 stopped after saving.
+    """
+    from keizoku.launch.allocation import AllocationError, detect
+    from keizoku.launch.driver import LaunchError, Plan
+    from keizoku.launch.driver import launch as run_launch
+    from keizoku.launch.port import PortError
+    from keizoku.launch.progress import total_steps
+    from keizoku.launch.ranks import RankError, from_env
+
+    try:
+        in_mpi = from_env(os.environ) is not None
+    except RankError as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
+    if in_mpi:  # one rank of a user's `mpirun ... keizoku launch CONFIG`
+        from keizoku.launch.worker import exec_train
+
+        exec_train([str(config), *(overrides or [])])
+    cfg = _load_config(config, overrides, exit_code=2)
+    prof = _launch_profile(profile, None)
+    try:
+        scheduler = detect().scheduler
+        default_starter = {"slurm": "srun", "gridengine": "qrsh", "pbs": "pbsdsh"}.get(scheduler, "local")
+        plan = Plan(train_args=[str(config), *(overrides or [])], run_dir=str(Path(cfg.run_dir).resolve()),
+                    total_steps=total_steps(cfg), workdir=os.getcwd(),
+                    launcher=launcher or (prof.launcher if prof else "node"),
+                    starter=starter or (prof.starter if prof and prof.scheduler == scheduler else default_starter),
+                    procs_per_node=nproc_per_node or (prof.procs_per_node or prof.gpus_per_node if prof else 0))
+        if prof:
+            plan.env, plan.mpirun, plan.failure_grace_s = dict(prof.env), list(prof.mpirun), prof.failure_grace_s
+        status = run_launch(plan)
+    except (LaunchError, AllocationError, PortError) as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
+    raise typer.Exit(status)
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="A keizoku YAML config.", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Site profile: tsubame4, abci3, slurm, local, "
+                                         "one of yours (~/.config/keizoku/profiles/NAME.yaml) or a YAML file.",
+                                         show_default=False)] = ...,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", "-N", help="Nodes per job.", min=1)] = None,
+    walltime: Annotated[Optional[str], typer.Option("--walltime", "-t", help="Time limit per job, HH:MM:SS.")] = None,
+    chain: Annotated[int, typer.Option(help="Submit K jobs, each waiting for the previous one (afterany) and "
+                                       "resuming from the newest checkpoint; spare ones exit at once.", min=1)] = 1,
+    container: Annotated[Optional[Path], typer.Option(help="Run training in this Apptainer image (.sif): "
+                                                      "apptainer exec --nv -B ... IMAGE.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a profile setting: key=value "
+                                                      "(e.g. group=tga12345, queue=gpu, env.NCCL_DEBUG=INFO).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Job name (default: keizoku-RUN_DIR_NAME).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the job script and the submit commands; "
+                                          "write and submit nothing.")] = False,
+) -> None:
+    """Write a job script for a site profile into the run directory and submit it (a chain with --chain).
+
+    The script asks for the scheduler's walltime warning (Grid Engine -notify, Slurm --signal), runs
+    `keizoku launch` on the job's nodes, and records job ids in RUN_DIR/jobs.jsonl (see keizoku status).
+    Profiles are YAML: copy a shipped one to ~/.config/keizoku/profiles/ or write one with base: NAME.
+    """
+    import shlex
+
+    from keizoku.config import ConfigError
+    from keizoku.launch.profile import ProfileError
+    from keizoku.launch.submit import SubmitError
+    from keizoku.launch.submit import submit as do_submit
+
+    cfg = _load_config(config, overrides, exit_code=2)
+    sets = list(set_ or []) + ([f"nodes={nodes}"] if nodes else []) + ([f"walltime={walltime}"] if walltime else [])
+    prof = _launch_profile(profile, sets)
+    try:
+        result = do_submit(cfg, config, list(overrides or []), prof, chain=chain, container=container,
+                           dry_run=dry_run, name=name, command=shlex.join(["keizoku", "submit", *sys.argv[2:]]),
+                           log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+    except (SubmitError, ProfileError, ConfigError, ValueError, OSError) as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+    if dry_run:
+        print(f"# {result.script} (dry run: not written)\n{result.script_text}# would run:")
+        for cmd in result.commands:
+            print(f"#   {shlex.join(cmd)}")
+        return
+    console.print(f"job script {result.script}; follow with: keizoku status {Path(cfg.run_dir)}",
+                  highlight=False, markup=False, soft_wrap=True)
+    if result.job_ids and prof.scheduler != "local":
+        print(" ".join(result.job_ids))
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="A keizoku run directory.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Jobs of a run and their states, the last step, loss and tokens, and the newest checkpoint."""
+    import json
+
+    from keizoku.launch.progress import status as run_status
+
+    if not run_dir.is_dir():
+        _error(f"{run_dir}: no such run directory")
+        raise typer.Exit(1)
+    s = run_status(run_dir)
+    if as_json:
+        print(json.dumps(s.to_dict(), indent=1))
+        return
+    table = Table(title=f"{run_dir} — jobs ({s.scheduler or 'none recorded'})", title_justify="left")
+    for col in ("job", "chain", "state", "exit", "hosts", "detail"):
+        table.add_column(col, overflow="fold")
+    for j in s.jobs:
+        table.add_row(j.job_id, f"{j.link}/{j.of}" if j.link else "", j.state,
+                      "" if j.exit_status is None else str(j.exit_status), ",".join(j.hosts[:4]), j.detail)
+    out.print(table)
+    if s.last:
+        total = f" of {s.total_steps}" if s.total_steps else ""
+        out.print(f"step {s.last['step']}{total} · loss {s.last['loss']:.4f} · tokens {s.last['tokens']:,}",
+                  highlight=False)
+    else:
+        out.print("no training step recorded yet", highlight=False)
+    out.print(f"latest checkpoint: {s.checkpoint or 'none'}", highlight=False, soft_wrap=True)
 
 
 config_app = typer.Typer(help="Show and check keizoku configuration files.", no_args_is_help=True)

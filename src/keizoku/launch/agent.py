@@ -118,14 +118,15 @@ class Agent:
         stopping, last_relay = False, 0.0
         while True:
             codes = [p.poll() for p in self.procs]
-            if all(c is not None for c in codes):
+            done = all(c is not None for c in codes)
+            if done and all(c in (EXIT_OK, EXIT_PREEMPTED) for c in codes):
                 break
-            if not stopping and a.stop_file and os.path.exists(a.stop_file):
+            if not done and not stopping and a.stop_file and os.path.exists(a.stop_file):
                 self.stop_reason = self.stop_reason or "the driver's stop file"
             if self.stop_reason and not stopping:
                 stopping = True
                 log(f"node {self.node_rank}: {self.stop_reason}: telling the training processes to save and stop")
-            if stopping and time.monotonic() - last_relay > RELAY_EVERY_S:
+            if stopping and not done and time.monotonic() - last_relay > RELAY_EVERY_S:
                 last_relay = time.monotonic()
                 for p in self.procs:
                     if p.poll() is None:

@@ -400,6 +400,10 @@ def launch(plan: Plan, env=os.environ) -> int:
     done = is_complete(plan)
     if done:
         log(done)
+        now = time.time()
+        record(plan.run_dir, alloc.job_id, {"job_id": alloc.job_id, "scheduler": alloc.scheduler, "hosts": alloc.hosts,
+                                            "started": now, "ended": now, "exit_status": EXIT_OK,
+                                            "state": "completed", "stop_reason": None, "note": done})
         return EXIT_OK
     nproc = plan.procs_per_node or visible_gpus(env) or 1
     port, lock_fd = pick_port(alloc.job_id)

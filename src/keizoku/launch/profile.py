@@ -157,7 +157,7 @@ def validate(p: Profile) -> list[str]:
         except ValueError as e:
             err.append(f"walltime: {e}")
         else:
-            for key in ("warning_signal_s", "stop_margin_s"):
+            for key in ("warning_signal_s", "stop_margin_s") if p.scheduler == "slurm" else ("stop_margin_s",):
                 if p.scheduler != "local" and getattr(p, key) >= limit:
                     err.append(f"{key}: {getattr(p, key)} s is not less than the walltime ({limit} s): the job "
                                f"would be told to stop as it starts")

@@ -3,8 +3,8 @@
 Reads top to bottom: set up the process group and device, load the pretrained model, shard it (FSDP2, per
 decoder layer then the root), build optimizer, schedule and data (megatron-core GPTDataset), resume from the
 latest checkpoint, then loop: gradient accumulation over micro batches, clipping, a step, metrics,
-evaluation, checkpoints. SIGTERM/SIGUSR1 (what schedulers send before the walltime kill) finish the step,
-save and exit with ``EXIT_PREEMPTED``.
+evaluation, checkpoints. SIGTERM/SIGUSR1/SIGUSR2 (what schedulers send before the walltime kill; Grid
+Engine's -notify sends SIGUSR2) finish the step, save and exit with ``EXIT_PREEMPTED``.
 
 Runs the same on a laptop CPU (one process, gloo) and under ``torchrun`` on many GPUs and nodes (NCCL).
 """
@@ -69,11 +69,11 @@ def setup_distributed(cfg: KeizokuConfig) -> Dist:
 
 
 class _StopRequested:
-    """Records SIGTERM/SIGUSR1; the loop stops at the end of the step."""
+    """Records SIGTERM/SIGUSR1/SIGUSR2; the loop stops at the end of the step."""
 
     def __init__(self):
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
