@@ -427,3 +427,15 @@ def test_container_wraps_training_and_runs_the_driver_standalone(tiny, tmp_path)
     assert any("keizoku.launch.progress total-steps" in c for c in lines)  # the completeness check, inside
     agent = next(c for c in lines if "keizoku.launch.agent" in c)
     assert agent.startswith(f"exec --nv -B {tmp_path} -B {run} ") and f"-B /data {image} {sys.executable}" in agent
+
+
+def test_driver_modules_need_only_the_standard_library_of_python_3_8():
+    """The driver runs on a compute node's own python3 under --container (RHEL 9: 3.9; checked as 3.8)."""
+    import ast
+
+    src = Path(allocation.__file__).parent
+    for name in ("driver.py", "allocation.py", "port.py"):
+        tree = ast.parse((src / name).read_text(), feature_version=(3, 8))
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert imported - {"keizoku", "allocation", "port"} <= set(sys.stdlib_module_names), name
