@@ -259,13 +259,14 @@ def train(
     """
     from keizoku.data.blend import DataError
     from keizoku.engines import run
+    from keizoku.engines.megatron import MegatronError
     from keizoku.engines.torch.trainer import TrainingError
     from keizoku.train.model import ModelLoadError
 
     cfg = _load_config(config, overrides, exit_code=2)
     try:
         status = run(cfg)
-    except (TrainingError, DataError, ModelLoadError, NotImplementedError) as e:
+    except (TrainingError, DataError, ModelLoadError, MegatronError, NotImplementedError) as e:
         _error(str(e))
         status = 1
     # Everything is written and the process group is gone; leave without interpreter teardown, where
@@ -283,15 +284,60 @@ def export(
     step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: the latest).")] = None,
     verify: Annotated[bool, typer.Option(help="Reload the export and check it reproduces the logits.")] = True,
 ) -> None:
-    """Write a checkpoint as a Hugging Face model (safetensors, config, tokenizer) and verify its logits."""
+    """Write a checkpoint as a Hugging Face model (safetensors, config, tokenizer) and verify its logits.
+
+    Runs of engine: megatron are exported through Megatron-Bridge (AutoBridge) from what keizoku recorded in
+    the run directory; they need Megatron-Bridge installed (the NeMo container).
+    """
     from keizoku.checkpoint.hf_export import ExportError
     from keizoku.checkpoint.hf_export import export as do_export
-    from keizoku.config import ConfigError
+    from keizoku.config import ConfigError, load
+    from keizoku.engines.megatron import MegatronError
 
     try:
+        if load(run_dir / "config.yaml").engine == "megatron":
+            from keizoku.engines.megatron.export import export as do_export  # noqa: F811 - the megatron run's
         do_export(run_dir, out, step=step, verify=verify,
                   log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
-    except (ExportError, ConfigError, OSError) as e:
+    except (ExportError, ConfigError, MegatronError, OSError) as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+
+
+convert_app = typer.Typer(help="Convert checkpoints between Hugging Face and engine formats.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+class ConvertEngine(str, Enum):
+    megatron = "megatron"
+
+
+@convert_app.command("import")
+def convert_import(
+    hf_path: Annotated[str, typer.Argument(help="A local Hugging Face checkpoint directory.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the Megatron checkpoint.",
+                                      show_default=False)],
+    engine: Annotated[ConvertEngine, typer.Option(help="Target format.")] = ConvertEngine.megatron,
+    transformer_impl: Annotated[str, typer.Option(
+        help="transformer_engine, or local (Megatron-Core's own layers, where Transformer Engine is missing); "
+        "the checkpoint loads into either.")] = "transformer_engine",
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer recorded with the checkpoint "
+                                                          "(default: the HF checkpoint's).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the "
+                                                                                "checkpoint.")] = False,
+) -> None:
+    """Import a Hugging Face checkpoint to Megatron format (torch_dist) with Megatron-Bridge; one GPU.
+
+    keizoku train does this itself on the first run of engine: megatron (cached by the checkpoint's
+    fingerprint); run it by hand to prepare a shared import (megatron.import_dir) before submitting jobs.
+    """
+    from keizoku.engines.megatron import MegatronError
+    from keizoku.engines.megatron.importer import import_hf
+
+    try:
+        import_hf(hf_path, out, transformer_impl=transformer_impl, trust_remote_code=trust_remote_code,
+                  tokenizer=tokenizer, log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+    except MegatronError as e:
         _error(str(e))
         raise typer.Exit(1) from None
 

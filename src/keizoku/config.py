@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -126,6 +126,41 @@ class ParallelConfig:
 
 
 @dataclass
+class MegatronConfig:
+    tensor_parallel: int = _f(1, "Tensor-parallel size (Megatron tensor_model_parallel_size).")
+    pipeline_parallel: int = _f(1, "Pipeline-parallel size.")
+    virtual_pipeline: Optional[int] = _f(None, "Virtual pipeline stages per pipeline rank (interleaved schedule); "
+                                               "needs pipeline_parallel > 1.")
+    context_parallel: int = _f(1, "Context-parallel size (long sequences); data.seq_length must be divisible by "
+                                  "2 × context_parallel.")
+    sequence_parallel: bool = _f(False, "Sequence parallelism of norms and dropout over the tensor-parallel ranks; "
+                                        "needs tensor_parallel > 1.")
+    expert_parallel: int = _f(1, "Expert-parallel size (MoE models only).")
+    precision: Literal["bf16", "fp8"] = _f("bf16", "bf16: bf16 mixed precision with fp32 main weights; fp8: FP8 "
+                                                   "matmuls through Transformer Engine (Hopper or newer). "
+                                                   "model.dtype: fp32 trains in fp32 instead.")
+    fp8_recipe: Literal["tensorwise", "delayed", "mxfp8", "blockwise"] = _f(
+        "tensorwise", "precision: fp8 only. tensorwise: current scaling per tensor; delayed: amax history; mxfp8: "
+                      "MX block scaling (Blackwell); blockwise: 128-element blocks (DeepSeek-V3 style).")
+    distributed_optimizer: bool = _f(True, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    overlap_grad_reduce: bool = _f(True, "Overlap the gradient reduce-scatter/all-reduce with the backward pass.")
+    overlap_param_gather: bool = _f(True, "Overlap the parameter all-gather with the forward pass; needs "
+                                          "distributed_optimizer.")
+    transformer_impl: Literal["transformer_engine", "local"] = _f(
+        "transformer_engine", "Layer implementation: transformer_engine (the NeMo container; needed for fp8), or "
+                              "local (Megatron-Core's own layers, for machines without Transformer Engine: "
+                              "unfused attention and no TE-only fusions).")
+    async_save: bool = _f(False, "Write checkpoints in the background while training continues.")
+    import_dir: Optional[str] = _f(None, "Where the Megatron import of model.hf_path is cached, one directory "
+                                         "per HF checkpoint fingerprint; default RUN_DIR/pretrained-megatron. Point "
+                                         "runs of the same base model at one shared directory to import once.")
+    overrides: dict[str, Any] = _f(dict, "Megatron-Bridge fields keizoku does not name, set last: "
+                                         "{\"model.apply_rope_fusion\": false, \"ddp.bucket_size\": 40000000}; "
+                                         "sections: model, train, optimizer, scheduler, ddp, dataset, checkpoint, "
+                                         "logger, dist, rng. An unknown field is an error.")
+
+
+@dataclass
 class KeizokuConfig:
     engine: Literal["torch", "megatron"] = _f("torch", "torch: FSDP2 on the Hugging Face model; megatron: "
                                                        "Megatron-Bridge.")
@@ -139,6 +174,8 @@ class KeizokuConfig:
     eval: EvalConfig = _f(EvalConfig, "Validation loss and perplexity on data.validation.")
     logging: LoggingConfig = _f(LoggingConfig, "Metrics.")
     parallel: ParallelConfig = _f(ParallelConfig, "Distribution over GPUs and nodes.")
+    megatron: MegatronConfig = _f(MegatronConfig, "engine: megatron only — Megatron-Bridge parallelism, precision "
+                                                  "and the HF import.")
 
 
 class ConfigError(ValueError):
@@ -196,13 +233,17 @@ def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
         if value is not None and value < 1:
             err.append(f"train.{key}: must be at least 1, not {value}")
     dp = cfg.parallel.data_parallel_size or world_size
+    if cfg.engine == "megatron":
+        model_parallel = _megatron_model_parallel(cfg.megatron)
+        dp = cfg.parallel.data_parallel_size or (world_size // model_parallel if world_size else None)
+        err += _check_megatron(cfg, world_size)
     if t.micro_batch_size >= 1 and t.global_batch_size >= 1:
         per_step = t.micro_batch_size * (dp or 1)
         if t.global_batch_size % per_step:
             what = f"train.micro_batch_size × data-parallel size = {t.micro_batch_size} × {dp}" if dp else \
                 f"train.micro_batch_size = {t.micro_batch_size}"
             err.append(f"train.global_batch_size: {t.global_batch_size} is not divisible by {what}")
-    if cfg.parallel.data_parallel_size is not None and world_size is not None \
+    if cfg.engine == "torch" and cfg.parallel.data_parallel_size is not None and world_size is not None \
             and cfg.parallel.data_parallel_size != world_size:
         err.append(f"parallel.data_parallel_size: {cfg.parallel.data_parallel_size} differs from the world size "
                    f"{world_size} (the torch engine is data-parallel only)")
@@ -232,6 +273,67 @@ def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
     if cfg.logging.interval < 1:
         err.append(f"logging.interval: must be at least 1, not {cfg.logging.interval}")
     return err
+
+
+def _megatron_model_parallel(mg: MegatronConfig) -> int:
+    return max(mg.tensor_parallel, 1) * max(mg.pipeline_parallel, 1) * max(mg.context_parallel, 1)
+
+
+def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
+    """engine: megatron — combinations Megatron-Core would refuse later, or that keizoku cannot honour there."""
+    err = []
+    mg = cfg.megatron
+    for key in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
+        if getattr(mg, key) < 1:
+            err.append(f"megatron.{key}: must be at least 1, not {getattr(mg, key)}")
+    if mg.virtual_pipeline is not None and (mg.virtual_pipeline < 1 or mg.pipeline_parallel < 2):
+        err.append(f"megatron.virtual_pipeline: {mg.virtual_pipeline} needs megatron.pipeline_parallel > 1 "
+                   f"(it is {mg.pipeline_parallel}) and a value of at least 1")
+    if mg.sequence_parallel and mg.tensor_parallel < 2:
+        err.append("megatron.sequence_parallel: needs megatron.tensor_parallel > 1 (sequence parallelism splits "
+                   "over the tensor-parallel ranks)")
+    if mg.context_parallel > 1 and cfg.data.seq_length % (2 * mg.context_parallel):
+        err.append(f"megatron.context_parallel: data.seq_length ({cfg.data.seq_length}) must be divisible by "
+                   f"2 × context_parallel = {2 * mg.context_parallel}")
+    if mg.precision == "fp8" and cfg.model.dtype == "fp32":
+        err.append("megatron.precision: fp8 together with model.dtype: fp32; choose one")
+    if mg.precision == "fp8" and mg.transformer_impl == "local":
+        err.append("megatron.precision: fp8 needs megatron.transformer_impl: transformer_engine")
+    if mg.overlap_param_gather and not mg.distributed_optimizer:
+        err.append("megatron.overlap_param_gather: needs megatron.distributed_optimizer: true (set "
+                   "overlap_param_gather: false without it)")
+    if cfg.model.compile:
+        err.append("model.compile: not available with engine: megatron (Megatron-Core uses its own fused kernels)")
+    if cfg.train.device == "cpu":
+        err.append("train.device: cpu — engine: megatron runs on CUDA GPUs only; use engine: torch on a CPU")
+    if cfg.parallel.backend == "gloo":
+        err.append("parallel.backend: gloo — engine: megatron needs nccl (or auto)")
+    if cfg.train.on_nan == "skip":
+        err.append("train.on_nan: skip is not available with engine: megatron (Megatron stops on a NaN loss)")
+    if not cfg.checkpoint.save_at_end:
+        err.append("checkpoint.save_at_end: false is not available with engine: megatron (Megatron-Bridge always "
+                   "saves the last step)")
+    if len(cfg.data.validation) > 1:
+        err.append(f"data.validation: engine: megatron evaluates one validation set, not "
+                   f"{len(cfg.data.validation)} ({', '.join(cfg.data.validation)}); keep one, or blend them in one "
+                   "entry")
+    for key in mg.overrides:
+        if key.split(".", 1)[0] not in _MEGATRON_OVERRIDE_SECTIONS or "." not in key:
+            err.append(f"megatron.overrides.{key}: expected SECTION.field with SECTION one of "
+                       f"{', '.join(_MEGATRON_OVERRIDE_SECTIONS)}")
+    model_parallel = _megatron_model_parallel(mg)
+    if world_size is not None and world_size % model_parallel:
+        err.append(f"megatron: the world size {world_size} is not divisible by tensor × pipeline × context parallel "
+                   f"= {mg.tensor_parallel} × {mg.pipeline_parallel} × {mg.context_parallel}")
+    elif world_size is not None and cfg.parallel.data_parallel_size is not None \
+            and cfg.parallel.data_parallel_size != world_size // model_parallel:
+        err.append(f"parallel.data_parallel_size: {cfg.parallel.data_parallel_size} differs from world size / "
+                   f"(tensor × pipeline × context parallel) = {world_size // model_parallel}")
+    return err
+
+
+_MEGATRON_OVERRIDE_SECTIONS = ("model", "train", "optimizer", "scheduler", "ddp", "dataset", "checkpoint", "logger",
+                               "dist", "rng")
 
 
 def _check_entries(name: str, entries: list[DatasetEntry], budgets_allowed: bool) -> list[str]:

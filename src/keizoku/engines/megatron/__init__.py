@@ -1,0 +1,11 @@
+"""engine: megatron — the keizoku config trained by Megatron-Bridge (inside the NeMo container, or wherever
+megatron-bridge and megatron-core are installed).
+
+``versions`` (which Bridge/Core pair, refused if unsupported) · ``plan`` (keizoku config → Bridge fields, as
+data) · ``container`` (the Bridge objects) · ``importer`` (HF → Megatron, cached by fingerprint) · ``trainer``
+(``pretrain``) · ``export`` (Megatron → HF, verified). Nothing here is imported by ``engine: torch``.
+"""
+
+
+class MegatronError(RuntimeError):
+    """engine: megatron cannot go on; the message says why (the CLI prints it without a traceback)."""

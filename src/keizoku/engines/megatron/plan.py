@@ -1,0 +1,246 @@
+"""keizoku's config → Megatron-Bridge's ``ConfigContainer`` fields, as plain data (no Bridge import here).
+
+``plan`` returns ``{section: {field: value}}``: the sections are ConfigContainer's (``train``, ``validation``,
+``optimizer``, ``ddp``, ``scheduler``, ``dataset``, ``logger``, ``tokenizer``, ``checkpoint``, ``rng``,
+``dist``), plus ``model`` (attributes set on the provider that AutoBridge made from the HF config) and
+``container`` (ConfigContainer's own fields). ``container.py`` turns it into Bridge's dataclasses. Keeping the
+translation as data lets the tests check every field against each supported release's dataclasses, including
+releases that cannot be imported on the test machine. A few values stand for objects: ``DTYPE:float32`` (a
+torch dtype) and ``LAYER_SPEC:local`` (Bridge's ``local_layer_spec``).
+
+What each keizoku setting becomes, and why where it is not obvious:
+
+- Schedule: Megatron's scheduler gives step k (0-based) ``init + (lr − init)·k/W′`` during warmup, then decays
+  from step W′ to ``lr_decay_iters``. keizoku's warmup gives ``lr·(k+1)/W`` and reaches ``min_lr`` exactly at
+  the last step. ``W′ = W − 1`` and ``init = lr/W`` make the warmup identical step for step, and
+  ``lr_decay_iters = steps − 1`` ends the decay on the same step; a cosine then starts one step earlier than
+  keizoku's (a difference of at most 1/(steps − W) of the decay). WSD's anneal and constant are identical.
+- Precision: ``model.dtype: fp32`` trains in fp32 (no mixed precision); otherwise ``megatron.precision``
+  picks Bridge's preset (bf16_mixed, or bf16 with an FP8 recipe).
+- Evaluation: Megatron evaluates ``eval_iters`` global batches; keizoku's ``eval.batches`` micro batches per
+  data-parallel rank are rounded up to whole global batches. Megatron has no evaluation before step 1.
+- Checkpoints: ``save = load = RUN_DIR/checkpoints`` so a rerun resumes; ``pretrained_checkpoint`` is the
+  Megatron import of ``model.hf_path``, which Bridge loads (weights only, iteration 0) only while the run has
+  no checkpoint of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from keizoku.config import KeizokuConfig
+from keizoku.data.blend import samples_for
+
+FP8_PRESETS = {
+    "tensorwise": "bf16_with_fp8_current_scaling_mixed",
+    "delayed": "bf16_with_fp8_delayed_scaling_mixed",
+    "mxfp8": "bf16_with_mxfp8_mixed",
+    "blockwise": "bf16_with_fp8_subchannel_scaling_mixed",
+}
+# Bridge releases whose ConfigContainer has a ``validation`` section (eval settings left TrainingConfig there)
+VALIDATION_SECTION_FROM = (0, 4)
+# fusions that need Transformer Engine (or Apex) kernels; off with megatron.transformer_impl: local
+TE_ONLY_FUSIONS = ("apply_rope_fusion", "gradient_accumulation_fusion", "masked_softmax_fusion",
+                   "bias_activation_fusion", "bias_dropout_fusion", "persist_layer_norm", "cross_entropy_loss_fusion")
+
+Blend = tuple[list[str], list[float] | None]
+
+
+def train_iters(cfg: KeizokuConfig) -> int:
+    t = cfg.train
+    return samples_for(t.max_steps, t.max_tokens, t.global_batch_size, cfg.data.seq_length)[0]
+
+
+def data_parallel_size(cfg: KeizokuConfig, world_size: int) -> int:
+    mg = cfg.megatron
+    return world_size // (mg.tensor_parallel * mg.pipeline_parallel * mg.context_parallel)
+
+
+def plan(cfg: KeizokuConfig, *, release: str, world_size: int, train_blend: Blend | None, valid_blend: Blend | None,
+         pretrained_checkpoint: str | None) -> dict[str, dict[str, Any]]:
+    """Every Bridge field keizoku sets, by section. ``release`` is the Bridge release line ("0.2" … "0.6")."""
+    mg, t, o, s, d = cfg.megatron, cfg.train, cfg.optim, cfg.schedule, cfg.data
+    run_dir = Path(cfg.run_dir).absolute()
+    steps = train_iters(cfg)
+    dp = data_parallel_size(cfg, world_size)
+    out: dict[str, dict[str, Any]] = {}
+
+    model = out["model"] = {
+        "tensor_model_parallel_size": mg.tensor_parallel,
+        "pipeline_model_parallel_size": mg.pipeline_parallel,
+        "virtual_pipeline_model_parallel_size": mg.virtual_pipeline,
+        "context_parallel_size": mg.context_parallel,
+        "sequence_parallel": mg.sequence_parallel,
+        "expert_model_parallel_size": mg.expert_parallel,
+        "seq_length": d.seq_length,
+        **impl_settings(mg.transformer_impl),
+    }
+    if cfg.model.activation_checkpointing:  # as engine: torch does: recompute every decoder layer
+        model.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    fp32 = cfg.model.dtype == "fp32"
+    if fp32:
+        model.update(bf16=False, fp16=False, params_dtype="DTYPE:float32", pipeline_dtype="DTYPE:float32",
+                     autocast_dtype="DTYPE:float32")
+    out["container"] = {"mixed_precision": None if fp32 else
+                        "bf16_mixed" if mg.precision == "bf16" else FP8_PRESETS[mg.fp8_recipe]}
+
+    out["train"] = {
+        "micro_batch_size": t.micro_batch_size,
+        "global_batch_size": t.global_batch_size,
+        "train_iters": steps,
+        "exit_signal_handler": True,  # SIGTERM (keizoku relays SIGUSR1/SIGUSR2 to it): save, then stop
+    }
+    has_valid = valid_blend is not None
+    per_global_batch = t.global_batch_size
+    eval_iters = math.ceil(cfg.eval.batches * t.micro_batch_size * dp / per_global_batch) if has_valid else 0
+    # no evaluation during training: an interval past the last step (Bridge 0.2/0.3 divide by it)
+    evaluation = {"eval_iters": eval_iters,
+                  "eval_interval": cfg.eval.interval if has_valid and cfg.eval.interval else steps + 1}
+    if _at_least(release, VALIDATION_SECTION_FROM):
+        out["validation"] = evaluation
+    else:
+        out["train"].update(evaluation)
+
+    out["optimizer"] = {
+        "optimizer": "adam",  # Megatron's Adam is decoupled-weight-decay Adam (AdamW)
+        "lr": o.lr, "min_lr": o.min_lr, "weight_decay": o.weight_decay,
+        "adam_beta1": float(o.betas[0]), "adam_beta2": float(o.betas[1]), "adam_eps": o.eps,
+        "clip_grad": o.grad_clip,  # 0: no clipping, as in keizoku
+        "use_distributed_optimizer": mg.distributed_optimizer,
+    }
+    if fp32:
+        out["optimizer"].update(bf16=False, fp16=False, params_dtype="DTYPE:float32")
+    out["ddp"] = {
+        "use_distributed_optimizer": mg.distributed_optimizer,
+        "overlap_grad_reduce": mg.overlap_grad_reduce,
+        "overlap_param_gather": mg.overlap_param_gather,
+        "grad_reduce_in_fp32": True,
+        "check_for_nan_in_grad": True,
+    }
+    out["scheduler"] = _schedule(cfg, steps)
+
+    dataset = out["dataset"] = {
+        "random_seed": d.seed,
+        "sequence_length": d.seq_length,
+        "path_to_cache": str(Path(d.cache_dir).absolute()) if d.cache_dir else str(run_dir / "data-cache"),
+        # what keizoku.data.blend gives GPTDataset for engine: torch: the same samples in the same order
+        "reset_position_ids": False, "reset_attention_mask": False, "eod_mask_loss": False,
+        "create_attention_mask": False,
+        "num_workers": d.num_workers, "persistent_workers": d.num_workers > 0, "pin_memory": True,
+        "dataloader_type": "single", "data_sharding": True,
+    }
+    if not d.mock:
+        dataset["blend_per_split"] = [_blend_value(train_blend), _blend_value(valid_blend), None]
+        dataset["split"] = None
+
+    tb = run_dir / "tensorboard"
+    out["logger"] = {
+        "log_interval": cfg.logging.interval,
+        "tensorboard_dir": str(tb) if cfg.logging.tensorboard else None,
+        "log_throughput": True,
+        "log_validation_ppl_to_tensorboard": True,
+        "wandb_project": (cfg.logging.wandb_project or "keizoku") if cfg.logging.wandb else None,
+        "wandb_exp_name": run_dir.name if cfg.logging.wandb else None,
+        "wandb_save_dir": str(run_dir / "wandb") if cfg.logging.wandb else None,
+    }
+    out["tokenizer"] = {
+        "tokenizer_type": "HuggingFaceTokenizer",
+        "tokenizer_model": str(cfg.model.tokenizer or cfg.model.hf_path),
+        "hf_tokenizer_kwargs": {"trust_remote_code": True} if cfg.model.trust_remote_code else {},
+    }
+    c = cfg.checkpoint
+    save = str(run_dir / "checkpoints")
+    load = save if c.resume == "auto" else None if c.resume == "none" else str(Path(c.resume).absolute())
+    out["checkpoint"] = {
+        "save": save,
+        "load": load,
+        "pretrained_checkpoint": pretrained_checkpoint,
+        "save_interval": c.interval or None,  # None: only at the end
+        "most_recent_k": c.keep_last,
+        "ckpt_format": "torch_dist",
+        "async_save": mg.async_save,
+        "save_optim": True, "save_rng": True,
+        "exit_on_missing_checkpoint": c.resume not in ("auto", "none"),
+    }
+    out["rng"] = {"seed": t.seed}
+    out["dist"] = {"distributed_backend": "nccl"}
+
+    for key, value in mg.overrides.items():  # last: the user's word on fields keizoku does not name
+        section, name = key.split(".", 1)
+        if section == "train" and name in ("eval_iters", "eval_interval") and "validation" in out:
+            section = "validation"
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def impl_settings(transformer_impl: str) -> dict[str, Any]:
+    """Provider fields for the layer implementation (also used by the import and the export)."""
+    if transformer_impl != "local":
+        return {"transformer_impl": transformer_impl}
+    return {"transformer_impl": "local", "transformer_layer_spec": "LAYER_SPEC:local",
+            "cross_entropy_fusion_impl": "native", **{name: False for name in TE_ONLY_FUSIONS}}
+
+
+def _schedule(cfg: KeizokuConfig, steps: int) -> dict[str, Any]:
+    o, s = cfg.optim, cfg.schedule
+    warmup = s.warmup_steps
+    out: dict[str, Any] = {
+        "lr_warmup_iters": max(warmup - 1, 0),
+        "lr_warmup_init": o.lr / warmup if warmup else 0.0,
+        "lr_decay_iters": max(steps - 1, 1),
+        "start_weight_decay": o.weight_decay, "end_weight_decay": o.weight_decay,
+        "weight_decay_incr_style": "constant",
+    }
+    if s.kind == "cosine":
+        out["lr_decay_style"] = "cosine"
+    elif s.kind == "constant":
+        out["lr_decay_style"] = "constant"
+    else:  # wsd: hold lr, then a linear anneal over keizoku's decay steps, ending at the last step
+        last = max(steps - 1, warmup)
+        decay_steps = max(1, round(s.decay_fraction * steps))
+        decay_start = max(warmup, last - decay_steps)
+        out.update(lr_decay_style="WSD", lr_wsd_decay_style="linear", lr_wsd_decay_iters=max(last - decay_start, 1))
+    return out
+
+
+def _blend_value(blend: Blend | None):
+    if blend is None:
+        return None
+    prefixes, weights = blend
+    return [list(prefixes), None if weights is None else [float(w) for w in weights]]
+
+
+def _at_least(release: str, version: tuple[int, int]) -> bool:
+    major, minor = (int(x) for x in release.split("."))
+    return (major, minor) >= version
+
+
+# the Bridge dataclass behind each plan section ("model" is the provider AutoBridge returns for the HF model)
+SECTION_CLASSES = {
+    "model": "GPTModelProvider", "train": "TrainingConfig", "validation": "ValidationConfig",
+    "optimizer": "OptimizerConfig", "ddp": "DistributedDataParallelConfig", "scheduler": "SchedulerConfig",
+    "dataset": "GPTDatasetConfig", "logger": "LoggerConfig", "tokenizer": "TokenizerConfig",
+    "checkpoint": "CheckpointConfig", "rng": "RNGConfig", "dist": "DistributedInitConfig",
+    "container": "ConfigContainer",
+}
+
+
+def section_class(p: dict[str, dict[str, Any]], section: str) -> str:
+    if section == "dataset" and "blend_per_split" not in p["dataset"]:
+        return "MockGPTDatasetConfig"  # data.mock: true, asked for explicitly
+    return SECTION_CLASSES[section]
+
+
+def unknown_fields(p: dict[str, dict[str, Any]], fields: dict[str, set[str] | list[str]]) -> list[str]:
+    """``section.field`` of the plan that the release's dataclasses (``fields``: class name → field names) lack."""
+    bad = []
+    for section, values in p.items():
+        cls = SECTION_CLASSES.get(section)
+        if cls is None:
+            bad.append(f"{section} (no such ConfigContainer section)")
+            continue
+        known = set(fields.get(section_class(p, section), ()))
+        bad += [f"{section}.{name}" for name in values if name not in known]
+    return bad

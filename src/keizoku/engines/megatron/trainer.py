@@ -1,0 +1,120 @@
+"""The megatron engine: the keizoku config trained by Megatron-Bridge's ``pretrain``.
+
+Reads top to bottom: check the installed Bridge/Core pair and the config against the world size, write the
+resolved config and what export needs (``RUN_DIR/megatron.json``), make sure the HF weights are imported to
+Megatron format (cached by fingerprint; skipped once the run has its own checkpoint), build the provider and
+the ``ConfigContainer`` (``plan.py`` → ``container.py``), relay SIGUSR1/SIGUSR2 to Bridge's SIGTERM handler,
+and call ``pretrain`` with Bridge's GPT forward step. Started like the torch engine: ``keizoku train`` for
+one GPU, ``torchrun … -m keizoku train`` (or ``keizoku launch``) for many.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from keizoku.config import KeizokuConfig, save_resolved, validate
+from keizoku.engines.megatron import MegatronError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 3
+RUN_INFO = "megatron.json"
+
+
+class MegatronTrainingError(MegatronError):
+    pass
+
+
+def run(cfg: KeizokuConfig) -> int:
+    from keizoku.data import blend
+    from keizoku.engines.megatron import container, importer, plan, versions
+
+    try:
+        found = versions.detect()
+    except versions.VersionError as e:
+        raise MegatronTrainingError(str(e)) from None
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    errors = validate(cfg, world_size=world)
+    if errors:
+        if rank == 0:
+            print("\n".join(f"error: {e}" for e in errors), flush=True)
+        return EXIT_CONFIG
+    run_dir = Path(cfg.run_dir).absolute()
+    ckpt_dir = run_dir / "checkpoints"
+    steps = plan.train_iters(cfg)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir)
+        print(f"keizoku: engine megatron — {found}; world {world}, data-parallel "
+              f"{plan.data_parallel_size(cfg, world)}; {steps} steps", flush=True)
+
+    own = cfg.checkpoint.resume == "auto" and (ckpt_dir / "latest_checkpointed_iteration.txt").is_file() \
+        or cfg.checkpoint.resume not in ("auto", "none")
+    pretrained = None
+    if cfg.model.init == "pretrained" and not own:
+        root = Path(cfg.megatron.import_dir or run_dir / "pretrained-megatron").absolute()
+        try:
+            pretrained = str(importer.ensure_import(
+                cfg.model.hf_path, root, found.release, rank=rank, transformer_impl=cfg.megatron.transformer_impl,
+                trust_remote_code=cfg.model.trust_remote_code, tokenizer=cfg.model.tokenizer))
+        except importer.ImportError_ as e:
+            raise MegatronTrainingError(str(e)) from None
+        if rank == 0:
+            print(f"keizoku: starting from the pretrained weights of {cfg.model.hf_path} ({pretrained})", flush=True)
+    elif cfg.model.init == "random" and not own and rank == 0:
+        print("keizoku: training from random weights (model.init: random)", flush=True)
+
+    train_blend = valid_blend = None
+    if not cfg.data.mock:
+        total_tokens = steps * cfg.train.global_batch_size * cfg.data.seq_length
+        train_blend = blend.blend_of(blend.resolve(cfg.data.blend, "data.blend"), total_tokens)
+        for name, entries in cfg.data.validation.items():
+            valid_blend = blend.blend_of(blend.resolve(entries, f"data.validation.{name}"), None)
+    p = plan.plan(cfg, release=found.release, world_size=world, train_blend=train_blend, valid_blend=valid_blend,
+                  pretrained_checkpoint=pretrained)
+    if rank == 0:
+        _write_run_info(run_dir, cfg, found, p)
+
+    bridge = container.hf_bridge(cfg.model.hf_path, cfg.model.trust_remote_code)
+    provider = bridge.to_megatron_provider(load_weights=False)  # weights: the import, or the run's checkpoint
+    config = container.build(p, provider)
+
+    from megatron.bridge.training.gpt_step import forward_step
+    from megatron.bridge.training.pretrain import pretrain
+
+    _relay_to_sigterm(signal.SIGUSR1, signal.SIGUSR2)
+    pretrain(config, forward_step)
+    done = _latest_iteration(ckpt_dir)
+    if done is not None and done < steps:
+        if rank == 0:
+            print(f"keizoku: stopped at step {done} of {steps} after saving; resubmit to continue", flush=True)
+        return EXIT_PREEMPTED
+    return EXIT_OK
+
+
+def _relay_to_sigterm(*signals: int) -> None:
+    """Bridge's exit handler listens for one signal (SIGTERM); schedulers' walltime warnings come as these."""
+    for sig in signals:
+        signal.signal(sig, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def _latest_iteration(ckpt_dir: Path) -> int | None:
+    marker = ckpt_dir / "latest_checkpointed_iteration.txt"
+    try:
+        return int(marker.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_run_info(run_dir: Path, cfg: KeizokuConfig, found, p: dict) -> None:
+    """What ``keizoku export`` needs besides config.yaml (Bridge's own export reads run_config.yaml instead)."""
+    from keizoku.engines.megatron.importer import fingerprint
+
+    info = {"bridge": list(found.bridge), "core": list(found.core), "hf_path": str(Path(cfg.model.hf_path).absolute()),
+            "hf_fingerprint": fingerprint(cfg.model.hf_path), "tokenizer": p["tokenizer"]["tokenizer_model"],
+            "transformer_impl": cfg.megatron.transformer_impl, "train_iters": p["train"]["train_iters"],
+            "pretrained_checkpoint": p["checkpoint"]["pretrained_checkpoint"], "plan": p}
+    tmp = run_dir / f".{RUN_INFO}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=1, default=str) + "\n")
+    os.replace(tmp, run_dir / RUN_INFO)
