@@ -237,10 +237,9 @@ def unknown_fields(p: dict[str, dict[str, Any]], fields: dict[str, set[str] | li
     """``section.field`` of the plan that the release's dataclasses (``fields``: class name → field names) lack."""
     bad = []
     for section, values in p.items():
-        cls = SECTION_CLASSES.get(section)
-        if cls is None:
+        if section not in SECTION_CLASSES or section_class(p, section) not in fields:
             bad.append(f"{section} (no such ConfigContainer section)")
             continue
-        known = set(fields.get(section_class(p, section), ()))
+        known = set(fields[section_class(p, section)])
         bad += [f"{section}.{name}" for name in values if name not in known]
     return bad

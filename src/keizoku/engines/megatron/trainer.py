@@ -34,6 +34,11 @@ def run(cfg: KeizokuConfig) -> int:
         found = versions.detect()
     except versions.VersionError as e:
         raise MegatronTrainingError(str(e)) from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MegatronTrainingError("engine: megatron needs CUDA GPUs and none is visible here (engine: torch "
+                                    "trains on a CPU)")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     errors = validate(cfg, world_size=world)
     if errors:
