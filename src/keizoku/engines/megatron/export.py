@@ -110,7 +110,7 @@ def _verify(bridge, model, out: Path, fp32: bool, log) -> dict:
     hf = AutoModelForCausalLM.from_pretrained(out, **{dtype_key: torch.float32})
     saved = hf.state_dict()
     converted = 0
-    for name, tensor in bridge.export_hf_weights(model, cpu=True):
+    for name, tensor in bridge.export_hf_weights(model, cpu=True, show_progress=False):
         if name not in saved:
             raise MegatronExportError(f"{out}: the export lacks {name}")
         if not torch.equal(saved[name].float(), tensor.float()):

@@ -91,7 +91,7 @@ def import_hf(hf_path: str, out: Path, *, transformer_impl: str, trust_remote_co
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    _single_process_env()
+    single_process_env()
     start = time.perf_counter()
     bridge = hf_bridge(hf_path, trust_remote_code)
     provider = bridge.to_megatron_provider(load_weights=True)
@@ -111,8 +111,8 @@ def import_hf(hf_path: str, out: Path, *, transformer_impl: str, trust_remote_co
     return out
 
 
-def _single_process_env() -> None:
-    """A one-rank process group for the import, whatever launched us."""
+def single_process_env() -> None:
+    """The environment of a one-rank process group (env://), whatever launched us."""
     import socket
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -39,7 +39,9 @@ def run(cfg: KeizokuConfig) -> int:
     if not torch.cuda.is_available():
         raise MegatronTrainingError("engine: megatron needs CUDA GPUs and none is visible here (engine: torch "
                                     "trains on a CPU)")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if "RANK" not in os.environ:  # one process (keizoku train on one GPU): Bridge initialises from env://
+        importer.single_process_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     errors = validate(cfg, world_size=world)
     if errors:
         if rank == 0:

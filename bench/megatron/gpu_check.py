@@ -1,0 +1,203 @@
+"""engine: megatron end to end on one GPU, through keizoku's CLI only (run by gpu_check.sh; see README.md).
+
+1. a tiny Llama-shaped HF model (fp32) → ``keizoku convert import`` into the import cache → the Megatron
+   model's logits against HF's;
+2. run A: ``keizoku train`` engine megatron, 30 steps from those weights on keizoku-tokenized data (the import
+   is found in the cache, not redone); loss must fall;
+3. run B: the same config stopped at step 15 (``train.exit_interval``, exit status 3), then rerun: it resumes
+   and must end where A ends (losses of steps 16–30, final weights);
+4. ``keizoku export`` of A and B (keizoku verifies the export's logits against the Megatron model on the GPU);
+5. run T: the same config with engine: torch (same data order, same initial weights) — loss curves compared.
+
+Writes ``$OUT/results.json`` (updated after each stage, so a run cut short still reports) and logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / ".gpu" / "data"
+WORK = Path(os.environ.get("KZ_WORK", "/tmp/kzm"))
+OUT = Path(os.environ.get("OUT", WORK / "out"))
+STEPS, STOP_AT = 30, 15
+RESULTS: dict = {}
+
+
+def save() -> None:
+    (OUT / "results.json").write_text(json.dumps(RESULTS, indent=1, default=str) + "\n")
+
+
+def keizoku(*args, log: str, expect: int = 0, timeout: int = 400) -> float:
+    """Run the real CLI; its output goes to $OUT/<log>.log. Returns seconds."""
+    start = time.perf_counter()
+    with open(OUT / f"{log}.log", "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "keizoku", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    seconds = time.perf_counter() - start
+    if proc.returncode != expect:
+        tail = (OUT / f"{log}.log").read_text()[-4000:]
+        raise SystemExit(f"keizoku {' '.join(map(str, args))}: exit {proc.returncode}, expected {expect}\n{tail}")
+    return seconds
+
+
+def make_model(path: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=8002, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=8000, eos_token_id=8001,
+        tie_word_embeddings=False), dtype=torch.float32)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REPO / "src/keizoku/assets/tokenizer" / name, path / name)
+
+
+def config(run: str, engine: str = "megatron", **megatron_overrides) -> Path:
+    import yaml
+
+    cfg = {
+        "engine": engine, "run_dir": str(WORK / run),
+        "model": {"hf_path": str(WORK / "hf"), "dtype": "fp32"},
+        "data": {"blend": [{"path": str(DATA / "ja_sample_text_document"), "weight": 0.9},
+                           {"path": str(DATA / "en_sample_text_document"), "weight": 0.1}],
+                 "validation": {"ja": [{"path": str(DATA / "ja_sample_text_document")}]},
+                 "seq_length": 128, "num_workers": 0, "seed": 1234},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": STEPS, "seed": 1234},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4},
+        "schedule": {"kind": "cosine", "warmup_steps": 0},
+        "checkpoint": {"interval": 10, "keep_last": 3},
+        "eval": {"interval": 10, "batches": 4, "at_start": False},
+        "logging": {"interval": 1, "tensorboard": engine == "megatron"},
+        # no Transformer Engine on this machine: Megatron-Core's own layers; without TE or Apex the distributed
+        # optimizer cannot resume (bench/megatron/README.md), so it is off here
+        "megatron": {"transformer_impl": "local", "distributed_optimizer": False, "overlap_param_gather": False,
+                     "import_dir": str(WORK / "imports"),
+                     "overrides": {f"train.{k}": v for k, v in megatron_overrides.items()}},
+    }
+    path = WORK / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def tb_losses(run: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(WORK / run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    RESULTS.setdefault("tensorboard_tags", tags)
+    return {e.step: e.value for e in acc.Scalars("lm loss")}
+
+
+def tb_scalar(run: str, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(WORK / run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
+
+
+def import_logits(import_dir: Path) -> dict:
+    """The imported checkpoint's Megatron model vs the HF model, on the GPU, fp32."""
+    from megatron.bridge.training.model_load_save import build_and_load_model, temporary_distributed_context
+    from transformers import AutoModelForCausalLM
+
+    from keizoku.engines.megatron.container import apply_to_provider, hf_bridge
+    from keizoku.engines.megatron.export import logits_difference
+    from keizoku.engines.megatron.plan import impl_settings
+
+    with temporary_distributed_context(backend="gloo"):
+        provider = hf_bridge(str(WORK / "hf"), False).to_megatron_provider(load_weights=False)
+        apply_to_provider(provider, {**impl_settings("local"), "bf16": False, "params_dtype": torch.float32,
+                                     "perform_initialization": False})
+        model = build_and_load_model(str(import_dir / "iter_0000000"), provider, use_cpu_init=True,
+                                     skip_temp_dist_context=True)
+        model = model if isinstance(model, list) else [model]
+        hf = AutoModelForCausalLM.from_pretrained(WORK / "hf", dtype=torch.float32)
+        diff, scale = logits_difference(model[0], hf)
+    return {"max_logit_diff": diff, "logit_scale": scale}
+
+
+def safetensors_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys(), (sorted(ta)[:5], sorted(tb)[:5])
+    return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
+
+
+def main() -> None:
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    RESULTS["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    RESULTS["torch"] = torch.__version__
+    from keizoku.engines.megatron import versions
+    from keizoku.engines.megatron.importer import cache_dir, fingerprint
+
+    found = versions.detect()
+    RESULTS["megatron"] = str(found)
+    make_model(WORK / "hf")
+
+    # 1. import (into the cache path a run looks for), then the imported model's logits against HF
+    target = cache_dir(WORK / "imports", fingerprint(WORK / "hf"), found.release)
+    seconds = keizoku("convert", "import", "--engine", "megatron", WORK / "hf", "--out", target,
+                      "--transformer-impl", "local", log="import")
+    RESULTS["import"] = {"seconds": round(seconds, 1), "dir": str(target), **import_logits(target)}
+    save()
+    print("import:", RESULTS["import"], flush=True)
+
+    # 2. run A, uninterrupted
+    RESULTS["A_seconds"] = round(keizoku("train", config("A"), log="train_A"), 1)
+    a = tb_losses("A")
+    RESULTS["A_loss"] = a
+    RESULTS["A_valid"] = tb_scalar("A", "lm loss validation")
+    RESULTS["A_reimported"] = "importing" in (OUT / "train_A.log").read_text()
+    save()
+    print(f"A: loss {a.get(1)} -> {a.get(STEPS)}", flush=True)
+
+    # 3. run B: stop at STOP_AT (exit 3: saved, resubmit), then resume
+    keizoku("train", config("B", exit_interval=STOP_AT), log="train_B1", expect=3)
+    RESULTS["B_stopped_at"] = (WORK / "B/checkpoints/latest_checkpointed_iteration.txt").read_text().strip()
+    keizoku("train", config("B"), log="train_B2")
+    b = tb_losses("B")
+    RESULTS["B_loss"] = b
+    RESULTS["resume_max_loss_diff"] = max(abs(a[s] - b[s]) for s in range(STOP_AT + 1, STEPS + 1))
+    save()
+
+    # 4. exports (keizoku verifies each against the Megatron model's logits on this GPU)
+    keizoku("export", WORK / "A", "--out", WORK / "A-hf", log="export_A")
+    keizoku("export", WORK / "B", "--out", WORK / "B-hf", log="export_B")
+    RESULTS["export_A"] = json.loads((WORK / "A-hf/keizoku_export.json").read_text())
+    RESULTS["export_A_log"] = [ln for ln in (OUT / "export_A.log").read_text().splitlines() if "verified" in ln]
+    RESULTS["resume_max_weight_diff"] = safetensors_diff(WORK / "A-hf", WORK / "B-hf")
+    save()
+
+    # 5. the same run with engine: torch
+    RESULTS["T_seconds"] = round(keizoku("train", config("T", engine="torch"), log="train_T"), 1)
+    t = {r["step"]: r["loss"] for r in map(json.loads, (WORK / "T/metrics.jsonl").read_text().splitlines())
+         if r["kind"] == "train"}
+    RESULTS["T_loss"] = t
+    diffs = {s: abs(a[s] - t[s]) for s in range(1, STEPS + 1)}
+    RESULTS["torch_vs_megatron_max_loss_diff"] = max(diffs.values())
+    RESULTS["torch_vs_megatron_first_step_diff"] = diffs[1]
+    save()
+
+    print("\nstep  megatron A  megatron B  torch T")
+    for s in range(1, STEPS + 1):
+        print(f"{s:4d}  {a[s]:10.5f}  {b.get(s, float('nan')):10.5f}  {t[s]:8.5f}")
+    print(json.dumps({k: v for k, v in RESULTS.items() if not k.endswith("_loss")}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
