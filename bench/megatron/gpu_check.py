@@ -62,19 +62,20 @@ def make_model(path: Path) -> None:
         shutil.copy(REPO / "src/keizoku/assets/tokenizer" / name, path / name)
 
 
-def config(run: str, engine: str = "megatron", **megatron_overrides) -> Path:
+def config(run: str, engine: str = "megatron", dtype: str = "fp32", steps: int = STEPS, warmup: int = 0,
+           **megatron_overrides) -> Path:
     import yaml
 
     cfg = {
         "engine": engine, "run_dir": str(WORK / run),
-        "model": {"hf_path": str(WORK / "hf"), "dtype": "fp32"},
+        "model": {"hf_path": str(WORK / "hf"), "dtype": dtype},
         "data": {"blend": [{"path": str(DATA / "ja_sample_text_document"), "weight": 0.9},
                            {"path": str(DATA / "en_sample_text_document"), "weight": 0.1}],
                  "validation": {"ja": [{"path": str(DATA / "ja_sample_text_document")}]},
                  "seq_length": 128, "num_workers": 0, "seed": 1234},
-        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": STEPS, "seed": 1234},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": steps, "seed": 1234},
         "optim": {"lr": 3e-3, "min_lr": 3e-4},
-        "schedule": {"kind": "cosine", "warmup_steps": 0},
+        "schedule": {"kind": "cosine", "warmup_steps": warmup},
         "checkpoint": {"interval": 10, "keep_last": 3},
         "eval": {"interval": 10, "batches": 4, "at_start": False},
         "logging": {"interval": 1, "tensorboard": engine == "megatron"},
@@ -134,6 +135,52 @@ def safetensors_diff(a: Path, b: Path) -> float:
     ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert ta.keys() == tb.keys(), (sorted(ta)[:5], sorted(tb)[:5])
     return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
+
+
+def extra() -> None:
+    """bf16 mixed precision (the default) with warmup, and a walltime signal (SIGUSR1) stopping and resuming."""
+    import signal
+
+    from keizoku.engines.megatron import versions
+
+    RESULTS["megatron"] = str(versions.detect())
+    # bf16: loss falls from the import; the export is verified at bf16 tolerance
+    RESULTS["bf16_seconds"] = round(keizoku("train", config("H", dtype="auto", warmup=5), log="train_H"), 1)
+    h = tb_losses("H")
+    RESULTS["bf16_loss"] = h
+    keizoku("export", WORK / "H", "--out", WORK / "H-hf", log="export_H")
+    RESULTS["bf16_export_log"] = [ln for ln in (OUT / "export_H.log").read_text().splitlines() if "verified" in ln]
+    save()
+    # SIGUSR1 (PBS/Slurm walltime warnings) while training: save, exit 3; the rerun finishes the run
+    steps = 200
+    log = OUT / "train_S1.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "keizoku", "train", str(config("S", steps=steps))],
+                                stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while "iteration       20/" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        status = proc.wait(timeout=300)
+    stopped = int((WORK / "S/checkpoints/latest_checkpointed_iteration.txt").read_text())
+    RESULTS["signal"] = {"exit_status": status, "saved_at": stopped}
+    save()
+    keizoku("train", config("S", steps=steps), log="train_S2", timeout=400)
+    done = int((WORK / "S/checkpoints/latest_checkpointed_iteration.txt").read_text())
+    RESULTS["signal"].update(resumed_to=done, resumed_log=[ln for ln in (OUT / "train_S2.log").read_text()
+                                                          .splitlines() if "loading" in ln.lower()][:3])
+    save()
+    print(json.dumps({k: v for k, v in RESULTS.items() if not k.endswith("_loss")}, indent=1, default=str))
+    print("bf16 loss:", {k: round(v, 4) for k, v in h.items() if k in (1, 5, 10, 20, 30)})
+
+
+def prepare() -> None:
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    RESULTS["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    RESULTS["torch"] = torch.__version__
+    make_model(WORK / "hf")
 
 
 def main() -> None:
@@ -200,4 +247,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--extra"]:
+        prepare()
+        extra()
+    else:
+        main()

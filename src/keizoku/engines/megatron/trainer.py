@@ -91,7 +91,11 @@ def run(cfg: KeizokuConfig) -> int:
     from megatron.bridge.training.pretrain import pretrain
 
     _relay_to_sigterm(signal.SIGUSR1, signal.SIGUSR2)
-    pretrain(config, forward_step)
+    try:
+        pretrain(config, forward_step)
+    except SystemExit as e:  # Bridge leaves through sys.exit after an exit signal or train.exit_interval
+        if e.code not in (0, None):
+            raise MegatronTrainingError(f"Megatron-Bridge stopped with exit status {e.code}") from None
     done = _latest_iteration(ckpt_dir)
     if done is not None and done < steps:
         if rank == 0:
