@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from keizoku.config import KeizokuConfig, save_resolved, validate
 from keizoku.data import blend
+from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported
 from keizoku.train import checkpoint
 from keizoku.train.model import load_model
 from keizoku.train.optim import adamw
@@ -170,7 +170,16 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
 
     model = load_model(cfg.model, torch.float32, seed=t.seed).to(d.device)  # fp32 master weights
     flops_token, peak = flops_per_token(model, seq), peak_flops(d.device)
-    _shard(model, cfg, d, bf16)
+    compile = cuda if cfg.model.compile is None else cfg.model.compile
+    chunk = t.loss_chunk_tokens
+    why_not = chunking_unsupported(model) if chunk else None
+    if why_not:
+        chunk = 0
+        if d.rank == 0:
+            print(f"keizoku: train.loss_chunk_tokens: {type(model).__name__}: {why_not}; using full logits", flush=True)
+    # the model with its loss: forward returns the summed token loss; checkpoints and the optimizer see `model`
+    lm_loss = CausalLMWithLoss(model, chunk, compile)
+    _shard(lm_loss, cfg, d, bf16, compile)
     optimizer = adamw(model, cfg.optim, d.device.type)
     steps, total_samples = blend.samples_for(t.max_steps, t.max_tokens, t.global_batch_size, seq)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(steps, cfg.optim, cfg.schedule))
@@ -200,7 +209,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
             "scheduler": scheduler.state_dict(), "steps": steps}, cfg.checkpoint.keep_last)
 
     if cfg.eval.at_start and valid and step == 0:
-        metrics.log("eval", step, _evaluate(model, valid, cfg, d, eval_samples))
+        metrics.log("eval", step, _evaluate(lm_loss, valid, cfg, d, eval_samples))
 
     loader = _loader(train_ds, blend.SampleSampler(total_samples, consumed, t.micro_batch_size, d.rank, d.world),
                      cfg.data.num_workers, cuda)
@@ -217,8 +226,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
             tokens = batch["tokens"].to(d.device, non_blocking=True)
             labels = batch["labels"].to(d.device, non_blocking=True)
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16 and not cuda):
-                logits = model(input_ids=tokens).logits
-            losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="sum")
+                losses = lm_loss(tokens, labels)
             (losses / (accum * tokens.numel())).backward()  # FSDP averages over ranks: the global mean
             loss_sum += losses.detach()
         grad_norm = _clip(model, cfg.optim.grad_clip)
@@ -249,7 +257,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
                 values["mfu"] = flops_token * tokens_per_step / elapsed / d.world / peak
             metrics.log("train", step, values)
         if valid and cfg.eval.interval and step % cfg.eval.interval == 0 and step < steps:
-            metrics.log("eval", step, _evaluate(model, valid, cfg, d, eval_samples))
+            metrics.log("eval", step, _evaluate(lm_loss, valid, cfg, d, eval_samples))
         stopping = _agree(stop.signal is not None, d.device)
         if stopping or step == steps and cfg.checkpoint.save_at_end or \
                 cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
@@ -259,7 +267,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
                 print(f"keizoku: signal {stop.signal}: saved step {step}; resubmit to continue", flush=True)
             return EXIT_PREEMPTED
     if valid:
-        metrics.log("eval", step, _evaluate(model, valid, cfg, d, eval_samples))
+        metrics.log("eval", step, _evaluate(lm_loss, valid, cfg, d, eval_samples))
     return EXIT_OK
 
 
@@ -285,21 +293,23 @@ def peak_flops(device: torch.device) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def _shard(model, cfg: KeizokuConfig, d: Dist, bf16: bool) -> None:
+def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, compile: bool) -> None:
+    """FSDP2 per decoder layer (each optionally checkpointed and compiled), then the root: the wrapper, so the
+    embedding, final norm and output layer stay gathered from the body's forward through the loss."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if bf16 and d.device.type == "cuda" else MixedPrecisionPolicy()
-    layers = _decoder_layers(model)
+    layers = _decoder_layers(model.lm)
     for i, layer in enumerate(layers):
         if cfg.model.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
             layer = checkpoint_wrapper(layer)
             layers[i] = layer
-        if cfg.model.compile:
+        if compile:
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
@@ -342,7 +352,7 @@ def _loader(dataset, sampler, workers: int, pin: bool):
 
 
 @torch.no_grad()
-def _evaluate(model, valid: dict, cfg: KeizokuConfig, d: Dist, eval_samples: int) -> dict:
+def _evaluate(model: CausalLMWithLoss, valid: dict, cfg: KeizokuConfig, d: Dist, eval_samples: int) -> dict:
     model.eval()
     out = {}
     for name, dataset in valid.items():
@@ -350,8 +360,7 @@ def _evaluate(model, valid: dict, cfg: KeizokuConfig, d: Dist, eval_samples: int
         for batch in _loader(dataset, blend.SampleSampler(eval_samples, 0, cfg.train.micro_batch_size, d.rank, d.world),
                              0, False):
             tokens, labels = batch["tokens"].to(d.device), batch["labels"].to(d.device)
-            logits = model(input_ids=tokens).logits
-            total[0] += F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="sum")
+            total[0] += model(tokens, labels)
             total[1] += labels.numel()
         dist.all_reduce(total)
         loss = (total[0] / total[1]).item()

@@ -1,0 +1,263 @@
+"""Throughput of `keizoku train` (engine: torch) against what users would run instead, one machine, one call.
+
+Variants (each in its own process, one after another, so memory and compile caches do not leak):
+  keizoku    the real `keizoku train` code path (keizoku.engines.run on a YAML config): megatron-core data
+             loader over the bundled samples tokenized, AdamW, metrics; checkpoints and eval off. Extra
+             ``key=value`` overrides name sub-variants (e.g. keizoku:train.loss_chunk_tokens=0).
+  hf         Hugging Face Trainer, bf16=True, gradient checkpointing (what most users pick), random tokens.
+  fsdp       a plain FSDP2 loop, per-layer torch.compile, no checkpointing, full fp32 logits + F.cross_entropy,
+             random tokens; then the same process and model with keizoku's chunked loss (``fsdp-chunked``), and a
+             torch.profiler summary of one step of each.
+All share the Llama shape, micro batch, global batch, optimizer (fused AdamW, fp32 master weights, bf16 compute).
+Reported: median step time over the steps after ``--warmup``, tokens/s/GPU, MFU (6·N + 12·L·H·S per token, N
+without the input embedding, output layer included; 989.4 TFLOP/s), peak allocated memory, card.
+
+  python3 bench/gpu/bench_train.py --shape 1b --seq 8192 --micro 2 --global-batch 4 --steps 20 \
+      --variants keizoku hf fsdp --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PEAK = 989.4e12
+SHAPES = {
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=8002, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def llama_config(shape: str, seq: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 8192), rope_theta=500000.0,
+                       bos_token_id=1, eos_token_id=2)
+
+
+def flops_per_token(shape: str, seq: int) -> float:
+    s = SHAPES[shape]
+    h, f, L, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    n = L * (h * (2 * h + 2 * kv) + 3 * h * f + 2 * h) + h + v * h  # layers, final norm, output layer
+    return 6 * n + 12 * L * h * seq
+
+
+def summary(name: str, a, step_times: list[float], memory_gib: float) -> dict:
+    import torch
+
+    tokens = a.global_batch * a.seq
+    med = statistics.median(step_times)
+    tps = tokens / med / a.world
+    return {"variant": name, "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "gpus": a.world, "shape": a.shape, "seq": a.seq, "micro": a.micro, "global_batch": a.global_batch,
+            "steps_timed": len(step_times), "median_step_s": med, "tokens_s_gpu": tps,
+            "mfu": tps * flops_per_token(a.shape, a.seq) / PEAK, "peak_mem_gib": memory_gib}
+
+
+# --- keizoku: the real train path --------------------------------------------------------------------------
+
+def run_keizoku(a, overrides: list[str]) -> list[dict]:
+    import yaml
+
+    from keizoku.config import load
+    from keizoku.engines import run
+
+    work = Path(tempfile.mkdtemp(prefix="kz-bench-"))
+    llama_config(a.shape, a.seq).save_pretrained(work / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (work / "model" / f).write_bytes((ROOT / "src/keizoku/assets/tokenizer" / f).read_bytes())
+    data = Path(a.data)
+    cfg = {
+        "run_dir": str(work / "run"),
+        "model": {"hf_path": str(work / "model"), "init": "random"},
+        "data": {"blend": [{"path": str(data / "ja_sample_text_document"), "weight": 0.9},
+                           {"path": str(data / "en_sample_text_document"), "weight": 0.1}],
+                 "seq_length": a.seq, "num_workers": 2},
+        "train": {"global_batch_size": a.global_batch, "micro_batch_size": a.micro, "max_steps": a.steps},
+        "checkpoint": {"interval": 0, "save_at_end": False},
+        "eval": {"interval": 0, "at_start": False},
+        "logging": {"interval": 1, "tensorboard": False},
+    }
+    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code = run(load(work / "cfg.yaml", overrides))
+    if code:
+        raise SystemExit(f"keizoku train exited {code}")
+    if int(os.environ.get("RANK", 0)):
+        return []
+    records = [json.loads(x) for x in (work / "run/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"][a.warmup:]
+    name = "keizoku" + ("[" + ",".join(overrides) + "]" if overrides else "")
+    return [summary(name, a, [r["step_s"] for r in train], max(r.get("memory_gib", 0.0) for r in train))]
+
+
+# --- baselines ---------------------------------------------------------------------------------------------
+
+def random_tokens(a, n: int, device):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, SHAPES[a.shape]["vocab_size"], (n, a.micro, a.seq + 1), generator=g).to(device)
+
+
+def run_hf(a) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    model = AutoModelForCausalLM.from_config(llama_config(a.shape, a.seq), attn_implementation="sdpa",
+                                             dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    vocab = SHAPES[a.shape]["vocab_size"]
+
+    class Random(torch.utils.data.Dataset):
+        def __len__(self):
+            return a.global_batch * a.steps
+
+        def __getitem__(self, i):
+            t = torch.randint(0, vocab, (a.seq,), generator=g)
+            return {"input_ids": t, "labels": t}
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="hf-bench-"), per_device_train_batch_size=a.micro,
+                             gradient_accumulation_steps=a.global_batch // a.micro, max_steps=a.steps, bf16=True,
+                             gradient_checkpointing=True, optim="adamw_torch_fused", learning_rate=3e-4,
+                             lr_scheduler_type="cosine", logging_steps=5, save_strategy="no", report_to=[],
+                             dataloader_num_workers=2, max_grad_norm=1.0)
+    Trainer(model=model, args=args, train_dataset=Random(), callbacks=[Clock()]).train()
+    return [summary("hf-trainer-bf16-gc", a, times[a.warmup:], torch.cuda.max_memory_allocated() / 2**30)]
+
+
+def run_fsdp(a) -> list[dict]:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from keizoku.engines.torch.loss import CausalLMWithLoss
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tempfile.mkdtemp()}/s", rank=0, world_size=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llama_config(a.shape, a.seq), attn_implementation="sdpa",
+                                             dtype=torch.float32).cuda()
+    wrapped = CausalLMWithLoss(model, chunk=2048, compile=True)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        layer.compile()
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(wrapped, mp_policy=mp)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    accum = a.global_batch // a.micro
+    data = random_tokens(a, 4, "cuda")
+
+    def step(i: int, chunked: bool):
+        for k in range(accum):
+            batch = data[(i * accum + k) % len(data)]
+            x, y = batch[:, :-1], batch[:, 1:]
+            wrapped.chunk = 2048 if chunked else 0  # 0: model(...).logits.float(), F.cross_entropy (sum)
+            loss = wrapped(x, y) / y.numel()
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    out = []
+    for chunked in (False, True):
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(a.steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = step(i, chunked)
+            loss.item()
+            times.append(time.perf_counter() - t0)
+        name = "fsdp2-compile" + ("+chunked-loss" if chunked else "")
+        out.append(summary(name, a, times[a.warmup:], torch.cuda.max_memory_allocated() / 2**30))
+        print(json.dumps(out[-1]), flush=True)
+        if a.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step(0, chunked)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+            print(f"=== profile: {name}, one step ===\n{table}", flush=True)
+            if a.out:
+                Path(a.out, f"profile-{name}.txt").write_text(table)
+    dist.destroy_process_group()
+    return out
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--micro", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=4, help="per step, all GPUs")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=4, help="steps left out of the median")
+    p.add_argument("--world", type=int, default=1)
+    p.add_argument("--data", default=str(ROOT / ".bench-gpu/data"), help="keizoku-tokenized samples")
+    p.add_argument("--variants", nargs="+", default=["keizoku", "hf", "fsdp"],
+                   help="keizoku, keizoku:KEY=VALUE[,KEY=VALUE], hf, fsdp")
+    p.add_argument("--profile", action="store_true", help="fsdp: torch.profiler summary of one step per loss")
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    a = p.parse_args()
+    if a.one:
+        kind, _, extra = a.one.partition(":")
+        rows = {"keizoku": lambda: run_keizoku(a, extra.split(",") if extra else []),
+                "hf": lambda: run_hf(a), "fsdp": lambda: run_fsdp(a)}[kind]()
+        for row in rows:
+            print("RESULT " + json.dumps(row), flush=True)
+        return
+    results = []
+    for v in a.variants:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", v]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        log = proc.stdout + proc.stderr
+        if a.out:
+            Path(a.out, f"log-{v.split(':')[0]}{len(results)}.txt").write_text(log)
+        rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not rows:
+            print(f"--- {v} failed (exit {proc.returncode}):\n{log[-3000:]}", flush=True)
+        for row in rows:
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        if a.out:
+            Path(a.out, "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\n{'variant':44} {'step s':>7} {'tok/s/GPU':>10} {'MFU':>6} {'mem GiB':>8}  card")
+    for r in results:
+        print(f"{r['variant']:44} {r['median_step_s']:7.3f} {r['tokens_s_gpu']:10,.0f} {r['mfu']:6.1%} "
+              f"{r['peak_mem_gib']:8.1f}  {r['card']}")
+
+
+if __name__ == "__main__":
+    main()

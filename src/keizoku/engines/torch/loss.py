@@ -1,0 +1,133 @@
+"""The language-model loss without full-vocabulary logits: the output layer and cross-entropy, chunk by chunk.
+
+A Llama-3 vocabulary (128,256) at seq 8192 × micro batch 2 makes 16,384 × 128,256 logits: 4 GiB in bf16,
+another 8 GiB once upcast to fp32 for the loss, and as much again for their gradient, all held at the peak of
+activation memory. ``chunked_lm_loss`` computes the output layer and the cross-entropy over ``chunk`` tokens at
+a time and, when gradients are wanted, their gradients right away (the hidden states' and the output weight's),
+so no more than one chunk's logits ever exists and the backward pass only hands over what was computed. The
+matmuls are the same as the unfused loss's (logits, grad of hidden, grad of weight): nothing is recomputed.
+The weight's gradient is summed over chunks in fp32.
+
+``CausalLMWithLoss`` puts this behind one module for FSDP2: the Hugging Face model's body runs through its own
+modules, then the loss uses the output layer's weight while the root FSDP unit still holds it gathered.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # F.cross_entropy's default: such labels count neither in the loss nor its gradient
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, grad_dtype: torch.dtype | None):
+    """Sum of token losses of one chunk and, with grad_dtype, d(sum)/d(logits) (softmax − one-hot) in that dtype."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    keep = labels != IGNORE_INDEX
+    safe = torch.where(keep, labels, 0)
+    target = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+    loss = torch.where(keep, lse - target, 0.0).sum()
+    if grad_dtype is None:
+        return loss, None
+    grad = torch.exp(logits - lse.unsqueeze(1))
+    grad = grad - F.one_hot(safe, logits.size(1)).to(grad.dtype)
+    grad = torch.where(keep.unsqueeze(1), grad, 0.0)
+    return loss, grad.to(grad_dtype)
+
+
+_compiled: Callable | None = None
+
+
+def _chunk_fn(compile: bool) -> Callable:
+    """The per-chunk elementwise work; compiled, it is one or two passes over the chunk's logits instead of ~6."""
+    global _compiled
+    if not compile:
+        return _chunk_loss_and_grad
+    if _compiled is None:
+        _compiled = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int, compile: bool, grad_wanted: bool):
+        want_h, want_w = grad_wanted and ctx.needs_input_grad[0], grad_wanted and ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):  # matmuls in the inputs' dtype, as chosen
+            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, labels, chunk, compile, want_h, want_w)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, labels, chunk, compile, want_h, want_w):
+        fn = _chunk_fn(compile)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for start in range(0, hidden.size(0), chunk):
+            h = hidden[start:start + chunk]
+            loss, g = fn(h @ weight.t(), labels[start:start + chunk], hidden.dtype if want_h or want_w else None)
+            total += loss
+            if want_h:
+                torch.mm(g, weight, out=grad_h[start:start + chunk])
+            if want_w:
+                grad_w += (g.t() @ h).float()  # a chunk's partial sum rounds once; the sum over chunks is fp32
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+                grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None)
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                    compile: bool = False) -> torch.Tensor:
+    """Σ cross_entropy(hidden @ weight.T, labels) over tokens (fp32 scalar), ``chunk`` tokens at a time.
+
+    hidden: (..., H); weight: (V, H); labels: (...), IGNORE_INDEX for tokens that do not count."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, not {chunk}")
+    h = hidden.reshape(-1, hidden.size(-1))
+    w = weight.to(h.dtype)
+    grad_wanted = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(h, w, labels.reshape(-1), chunk, compile, grad_wanted)
+
+
+def full_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The unfused reference: Σ cross_entropy over tokens on fp32 logits."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="sum")
+
+
+def chunking_unsupported(model) -> str | None:
+    """Why the chunked loss cannot stand in for this model's output layer, or None."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"its output layer is a {type(head).__name__}, not a Linear"
+    if head.bias is not None:
+        return "its output layer has a bias"
+    cfg = model.config
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(cfg, key, None) not in (None, 1, 1.0):
+            return f"its config sets {key} (a transform of the logits)"
+    return None
+
+
+class CausalLMWithLoss(torch.nn.Module):
+    """A Hugging Face causal LM whose forward returns the summed token loss (fp32 scalar).
+
+    ``chunk`` > 0: the chunked loss on the body's last hidden states; 0: the model's own logits, then
+    cross-entropy (for models ``chunking_unsupported`` rejects). The wrapped model keeps its parameter names
+    (``self.lm``), so checkpoints and exports are those of the plain model."""
+
+    def __init__(self, lm: torch.nn.Module, chunk: int, compile: bool = False):
+        super().__init__()
+        self.lm, self.chunk, self.compile = lm, chunk, compile
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.chunk:
+            return full_lm_loss(self.lm(input_ids=input_ids).logits, labels)
+        body = getattr(self.lm, self.lm.base_model_prefix)  # LlamaModel etc.: the decoder without the output layer
+        hidden = body(input_ids=input_ids).last_hidden_state
+        return chunked_lm_loss(hidden, self.lm.get_output_embeddings().weight, labels, self.chunk, self.compile)
