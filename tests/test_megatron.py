@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -431,6 +432,33 @@ def test_train_and_import_refuse_without_a_gpu(bridge, setup, tmp_path):
     proc = keizoku("convert", "import", "--engine", "megatron", setup / "model", "--out", tmp_path / "imp", check=False)
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr
     assert not (tmp_path / "imp").exists()
+
+
+def test_walltime_signals_reach_bridges_exit_handler(bridge):
+    """SIGUSR1/SIGUSR2 (walltime warnings) are relayed to the SIGTERM that Bridge's exit handler watches."""
+    import os
+    import signal
+
+    from megatron.bridge.training.utils.sig_utils import DistributedSignalHandler
+
+    from keizoku.engines.megatron.trainer import _relay_to_sigterm
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        _relay_to_sigterm(signal.SIGUSR1, signal.SIGUSR2)
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            handler = DistributedSignalHandler(signal.SIGTERM).__enter__()
+            assert not handler._signal_received
+            os.kill(os.getpid(), sig)
+            for _ in range(100):
+                if handler._signal_received:
+                    break
+                time.sleep(0.01)
+            assert handler._signal_received, sig
+            handler.release()
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 def test_engine_torch_never_imports_megatron_bridge(setup, tmp_path):

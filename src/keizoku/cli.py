@@ -315,8 +315,11 @@ class ConvertEngine(str, Enum):
 @convert_app.command("import")
 def convert_import(
     hf_path: Annotated[str, typer.Argument(help="A local Hugging Face checkpoint directory.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the Megatron checkpoint.",
-                                      show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the Megatron checkpoint.",
+                                                show_default=False)] = None,
+    import_dir: Annotated[Optional[Path], typer.Option(
+        help="Instead of --out: the cache directory that runs with megatron.import_dir: DIR look in (the "
+        "import lands in its subdirectory for this checkpoint's fingerprint and Bridge release).")] = None,
     engine: Annotated[ConvertEngine, typer.Option(help="Target format.")] = ConvertEngine.megatron,
     transformer_impl: Annotated[str, typer.Option(
         help="transformer_engine, or local (Megatron-Core's own layers, where Transformer Engine is missing); "
@@ -331,10 +334,15 @@ def convert_import(
     keizoku train does this itself on the first run of engine: megatron (cached by the checkpoint's
     fingerprint); run it by hand to prepare a shared import (megatron.import_dir) before submitting jobs.
     """
-    from keizoku.engines.megatron import MegatronError
-    from keizoku.engines.megatron.importer import import_hf
+    from keizoku.engines.megatron import MegatronError, versions
+    from keizoku.engines.megatron.importer import cache_dir, fingerprint, import_hf
 
+    if (out is None) == (import_dir is None):
+        _error("give --out DIR or --import-dir DIR")
+        raise typer.Exit(2)
     try:
+        if import_dir is not None:
+            out = cache_dir(import_dir, fingerprint(hf_path), versions.detect().release)
         import_hf(hf_path, out, transformer_impl=transformer_impl, trust_remote_code=trust_remote_code,
                   tokenizer=tokenizer, log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     except MegatronError as e:

@@ -56,8 +56,12 @@ def run(cfg: KeizokuConfig) -> int:
         print(f"keizoku: engine megatron — {found}; world {world}, data-parallel "
               f"{plan.data_parallel_size(cfg, world)}; {steps} steps", flush=True)
 
-    own = cfg.checkpoint.resume == "auto" and (ckpt_dir / "latest_checkpointed_iteration.txt").is_file() \
-        or cfg.checkpoint.resume not in ("auto", "none")
+    saved = _latest_iteration(ckpt_dir) if cfg.checkpoint.resume == "auto" else None
+    if saved is not None and saved >= steps:  # Bridge would stop with "no samples left to consume"
+        if rank == 0:
+            print(f"keizoku: training is complete ({saved} of {steps} steps)", flush=True)
+        return EXIT_OK
+    own = saved is not None or cfg.checkpoint.resume not in ("auto", "none")
     pretrained = None
     if cfg.model.init == "pretrained" and not own:
         root = Path(cfg.megatron.import_dir or run_dir / "pretrained-megatron").absolute()
