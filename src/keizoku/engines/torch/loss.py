@@ -97,7 +97,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 def full_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The unfused reference: Σ cross_entropy over tokens on fp32 logits."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="sum")
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum")
 
 
 def chunking_unsupported(model) -> str | None:
@@ -127,7 +127,9 @@ class CausalLMWithLoss(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.chunk:
-            return full_lm_loss(self.lm(input_ids=input_ids).logits, labels)
+            return full_lm_loss(self.lm(input_ids=input_ids, use_cache=False).logits, labels)
         body = getattr(self.lm, self.lm.base_model_prefix)  # LlamaModel etc.: the decoder without the output layer
-        hidden = body(input_ids=input_ids).last_hidden_state
+        # use_cache=False: a KV cache in training only costs memory, and its per-layer state makes torch.compile
+        # recompile each decoder layer until its recompile limit, after which the remaining layers run eagerly
+        hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
         return chunked_lm_loss(hidden, self.lm.get_output_embeddings().weight, labels, self.chunk, self.compile)
