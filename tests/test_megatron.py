@@ -12,7 +12,7 @@ The real runs (import, training, resume, export) need CUDA and are in bench/mega
   learning rates keizoku's schedule defines;
 - impossible combinations are refused, naming the key.
 
-Bridge imports Transformer Engine at start-up, which is not installed here: ``te_absent`` (test harness only,
+Bridge imports Transformer Engine (and Megatron-Core Triton) at start-up, neither installed here: ``te_absent`` (harness only,
 bench/megatron/te_absent.py) guards those imports; keizoku itself never does.
 """
 
