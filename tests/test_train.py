@@ -184,7 +184,10 @@ def test_two_process_torchrun_matches_one_process(setup, tmp_path):
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
     wa, wb = final_weights(one, 6), final_weights(two, 6)
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+        # input-embedding rows of rare tokens take Adam steps from near-zero gradient sums whose rounding depends on
+        # the reduction order (1 vs 2 ranks): measured up to 8e-6 with full logits, 1.2e-5 with the chunked loss
+        atol = 3e-5 if "embed_tokens" in k else 1e-5
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=atol, msg=k)
 
 
 def test_config_errors_exit_2(setup, tmp_path):
@@ -216,6 +219,21 @@ def test_compile_and_activation_checkpointing_match_eager(setup, tmp_path):
             "model.activation_checkpointing=true")
     eager, fast = metrics(tmp_path / "eager", "train"), metrics(tmp_path / "fast", "train")
     assert [r["loss"] for r in fast] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+
+
+def test_chunked_loss_trains_like_full_logits(setup, tmp_path):
+    """train.loss_chunk_tokens (default, chunks smaller than a micro batch) against 0 (the model's own logits):
+    the same losses and evaluation, through the real train path (FSDP2 root = the loss wrapper)."""
+    common = dict(train__max_steps=3, checkpoint__interval=0, eval__interval=0)
+    keizoku("train", config(setup, tmp_path / "full", **common), "train.loss_chunk_tokens=0")
+    keizoku("train", config(setup, tmp_path / "chunked", **common), "train.loss_chunk_tokens=48")
+    full_train, full_eval = metrics(tmp_path / "full", "train"), metrics(tmp_path / "full", "eval")
+    chunked_train, chunked_eval = metrics(tmp_path / "chunked", "train"), metrics(tmp_path / "chunked", "eval")
+    assert [r["loss"] for r in chunked_train] == pytest.approx([r["loss"] for r in full_train], rel=1e-4)
+    assert [r["grad_norm"] for r in chunked_train] == pytest.approx([r["grad_norm"] for r in full_train], rel=1e-3)
+    assert [r["ja_loss"] for r in chunked_eval] == pytest.approx([r["ja_loss"] for r in full_eval], rel=1e-4)
+    proc = keizoku("train", config(setup, tmp_path / "bad", **common), "train.loss_chunk_tokens=-1", check=False)
+    assert proc.returncode != 0 and "train.loss_chunk_tokens: must be >= 0" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
