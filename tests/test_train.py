@@ -222,7 +222,7 @@ def test_compile_and_activation_checkpointing_match_eager(setup, tmp_path):
 
 
 def test_chunked_loss_trains_like_full_logits(setup, tmp_path):
-    """train.loss_chunk_tokens (default, chunks smaller than a micro batch) against 0 (the model's own logits):
+    """train.loss_chunk_tokens (chunks smaller than a micro batch; the CUDA default is 2048) against 0 (the model's own logits):
     the same losses and evaluation, through the real train path (FSDP2 root = the loss wrapper)."""
     common = dict(train__max_steps=3, checkpoint__interval=0, eval__interval=0)
     keizoku("train", config(setup, tmp_path / "full", **common), "train.loss_chunk_tokens=0")

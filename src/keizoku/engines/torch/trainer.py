@@ -171,7 +171,8 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     model = load_model(cfg.model, torch.float32, seed=t.seed).to(d.device)  # fp32 master weights
     flops_token, peak = flops_per_token(model, seq), peak_flops(d.device)
     compile = cuda if cfg.model.compile is None else cfg.model.compile
-    chunk = t.loss_chunk_tokens
+    # on a CPU the chunked loss measured ~30% slower than F.cross_entropy on full logits (bench/quickstart)
+    chunk = (2048 if cuda else 0) if t.loss_chunk_tokens is None else t.loss_chunk_tokens
     why_not = chunking_unsupported(model) if chunk else None
     if why_not:
         chunk = 0
