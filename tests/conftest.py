@@ -80,3 +80,21 @@ def keizoku(*args: str, cwd: Path | None = None, check: bool = True, **kw) -> su
     if check and proc.returncode != 0:
         raise AssertionError(f"keizoku {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def tiny_llama_and_data(base: Path, samples=(JA_SAMPLE, EN_SAMPLE), **shape) -> Path:
+    """BASE/model: a tiny Llama (random weights saved as a HF checkpoint, the bundled tokenizer beside them);
+    BASE/data: ``samples`` tokenized with that tokenizer. ``shape`` overrides the LlamaConfig fields."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=8002, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=8000, eos_token_id=8001)
+    AutoModelForCausalLM.from_config(LlamaConfig(**(config | shape))).save_pretrained(base / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SAMPLE_TOKENIZER / f, base / "model" / f)
+    keizoku("tokenize", *samples, "-t", SAMPLE_TOKENIZER, "-o", base / "data", "-q")
+    return base

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import JA_SAMPLE, SAMPLE_TOKENIZER, keizoku
+from conftest import JA_SAMPLE, tiny_llama_and_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "launch_data"
@@ -33,19 +33,8 @@ def need(*commands: str, why: str = "") -> None:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """A tiny Llama saved as a Hugging Face checkpoint, and the Japanese sample tokenized."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    base = tmp_path_factory.mktemp("launch-tiny")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=8002, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=8000, eos_token_id=8001))
-    model.save_pretrained(base / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SAMPLE_TOKENIZER / f, base / "model" / f)
-    keizoku("tokenize", JA_SAMPLE, "-t", SAMPLE_TOKENIZER, "-o", base / "data", "-q")
-    return base
+    return tiny_llama_and_data(tmp_path_factory.mktemp("launch-tiny"), samples=(JA_SAMPLE,), hidden_size=32,
+                               intermediate_size=64, max_position_embeddings=128)
 
 
 def write_config(tiny: Path, run_dir: Path, max_steps: int, interval: int = 0) -> Path:

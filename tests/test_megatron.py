@@ -18,7 +18,6 @@ bench/megatron/te_absent.py) guards those imports; keizoku itself never does.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -32,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EN_SAMPLE, JA_SAMPLE, ROOT, SAMPLE_TOKENIZER, keizoku
+from conftest import ROOT, SAMPLE_TOKENIZER, keizoku, tiny_llama_and_data
 from keizoku.config import ConfigError, load, validate
 from keizoku.data import blend
 from keizoku.engines.megatron import plan as P
@@ -62,18 +61,7 @@ def bridge():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny Llama saved as a HF checkpoint (4 layers, so pipeline × virtual stages divide it) and tokenized data."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    base = tmp_path_factory.mktemp("megatron")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=8002, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=8000, eos_token_id=8001))
-    model.save_pretrained(base / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SAMPLE_TOKENIZER / f, base / "model" / f)
-    keizoku("tokenize", JA_SAMPLE, EN_SAMPLE, "-t", SAMPLE_TOKENIZER, "-o", base / "data", "-q")
-    return base
+    return tiny_llama_and_data(tmp_path_factory.mktemp("megatron"), num_hidden_layers=4)
 
 
 def overrides(setup: Path, *more: str) -> list[str]:

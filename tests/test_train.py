@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import EN_SAMPLE, JA_SAMPLE, SAMPLE_TOKENIZER, keizoku
+from conftest import keizoku, tiny_llama_and_data
 
 STEPS = 20
 
@@ -22,20 +22,7 @@ STEPS = 20
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny pretrained-looking Llama (random weights saved as a HF checkpoint) and tokenized data."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    base = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=8002, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=8000, eos_token_id=8001))
-    model.save_pretrained(base / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SAMPLE_TOKENIZER / f, base / "model" / f)
-    keizoku("tokenize", JA_SAMPLE, EN_SAMPLE, "-t", SAMPLE_TOKENIZER, "-o", base / "data", "-q")
-    return base
+    return tiny_llama_and_data(tmp_path_factory.mktemp("train"))
 
 
 def config(setup: Path, run_dir: Path, **changes) -> Path:
