@@ -162,7 +162,7 @@ def test_world_size_checks_use_the_model_parallel_layout(setup):
 # ---------------------------------------------------------------- the plan against every release's fields
 
 
-EVERYTHING = ["model.dtype=fp32", "model.activation_checkpointing=true", "model.tokenizer={tok}",
+EVERYTHING = ["model.dtype=fp32", "model.activation_checkpointing=full", "model.tokenizer={tok}",
               "schedule.kind=wsd", "schedule.warmup_steps=3", "eval.interval=5", "logging.wandb=true",
               "megatron.pipeline_parallel=2", "megatron.virtual_pipeline=2", "megatron.tensor_parallel=2",
               "megatron.sequence_parallel=true", "megatron.context_parallel=2", "megatron.async_save=true",
@@ -239,7 +239,7 @@ def test_every_setting_lands_in_its_bridge_field(bridge, setup, monkeypatch, tmp
         "optim.grad_clip=0.5", "schedule.kind=wsd", "schedule.warmup_steps=4", "schedule.decay_fraction=0.25",
         "checkpoint.interval=5", "checkpoint.keep_last=2", f"checkpoint.resume={resume}", "eval.interval=10",
         "eval.batches=8", "logging.interval=3", "logging.wandb=true", "logging.wandb_project=cpt",
-        f"model.tokenizer={SAMPLE_TOKENIZER}", "model.activation_checkpointing=true",
+        f"model.tokenizer={SAMPLE_TOKENIZER}", "model.activation_checkpointing=full",
         "megatron.tensor_parallel=2", "megatron.pipeline_parallel=2", "megatron.virtual_pipeline=2",
         "megatron.sequence_parallel=true", "megatron.async_save=true",
         "megatron.overrides={ddp.bucket_size: 1234567, model.init_method_std: 0.01}"))

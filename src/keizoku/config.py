@@ -37,7 +37,10 @@ class ModelConfig:
     dtype: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 mixed precision with fp32 master weights on "
                                                         "GPU, fp32 on CPU.")
     attn_implementation: str = _f("sdpa", "transformers attention implementation (sdpa, eager, flash_attention_2).")
-    activation_checkpointing: bool = _f(False, "Recompute each decoder layer's activations in the backward pass.")
+    activation_checkpointing: Literal["none", "selective", "full"] = _f(
+        "none", "Recompute activations in the backward pass to save memory. none: keep all; selective: keep the "
+                "matmul and attention outputs, recompute the cheap elementwise work (norms, RoPE, SiLU; engine: "
+                "megatron: its selective recompute of core attention); full: keep only each decoder layer's input.")
     compile: Optional[bool] = _f(None, "torch.compile each decoder layer (and the chunked loss's elementwise "
                                        "work); default: on with CUDA, off on a CPU.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (transformers' trust_remote_code).")

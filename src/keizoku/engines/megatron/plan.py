@@ -77,8 +77,10 @@ def plan(cfg: KeizokuConfig, *, release: str, world_size: int, train_blend: Blen
         "seq_length": d.seq_length,
         **impl_settings(mg.transformer_impl),
     }
-    if cfg.model.activation_checkpointing:  # as engine: torch does: recompute every decoder layer
+    if cfg.model.activation_checkpointing == "full":  # as engine: torch does: recompute every decoder layer
         model.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif cfg.model.activation_checkpointing == "selective":  # Megatron's own selective: core attention
+        model.update(recompute_granularity="selective")
     fp32 = cfg.model.dtype == "fp32"
     if fp32:
         model.update(bf16=False, fp16=False, params_dtype="DTYPE:float32", pipeline_dtype="DTYPE:float32",
