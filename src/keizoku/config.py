@@ -41,6 +41,11 @@ class ModelConfig:
         "none", "Recompute activations in the backward pass to save memory. none: keep all; selective: keep the "
                 "matmul and attention outputs, recompute the cheap elementwise work (norms, RoPE, SiLU; engine: "
                 "megatron: its selective recompute of core attention); full: keep only each decoder layer's input.")
+    fp8: Literal["none", "tensorwise", "rowwise"] = _f(
+        "none", "engine: torch — FP8 matmuls in the decoder layers' linear layers (torchao float8 training; "
+                "Hopper or newer; fp32 master weights and the bf16 output layer are unchanged). tensorwise: one "
+                "scale per tensor, FP8 FSDP all-gather; rowwise: a scale per row. engine: megatron: "
+                "megatron.precision.")
     compile: Optional[bool] = _f(None, "torch.compile each decoder layer (and the chunked loss's elementwise "
                                        "work); default: on with CUDA, off on a CPU.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (transformers' trust_remote_code).")
@@ -313,6 +318,8 @@ def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
     if mg.overlap_param_gather and not mg.distributed_optimizer:
         err.append("megatron.overlap_param_gather: needs megatron.distributed_optimizer: true (set "
                    "overlap_param_gather: false without it)")
+    if cfg.model.fp8 != "none":
+        err.append("model.fp8: engine: torch only; with engine: megatron use megatron.precision: fp8")
     if cfg.model.compile:
         err.append("model.compile: not available with engine: megatron (Megatron-Core uses its own fused kernels)")
     if cfg.train.device == "cpu":

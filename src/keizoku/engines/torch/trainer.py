@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from keizoku.config import KeizokuConfig, save_resolved, validate
 from keizoku.data import blend
+from keizoku.engines.torch import float8, recompute
 from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported
 from keizoku.train import checkpoint
 from keizoku.train.model import load_model
@@ -180,6 +181,17 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
             print(f"keizoku: train.loss_chunk_tokens: {type(model).__name__}: {why_not}; using full logits", flush=True)
     # the model with its loss: forward returns the summed token loss; checkpoints and the optimizer see `model`
     lm_loss = CausalLMWithLoss(model, chunk, compile)
+    fp8_all_gather = cuda and d.world > 1  # FSDP2 gathers FP8 weights (half the traffic); gloo has no FP8
+    if cfg.model.fp8 != "none":
+        if cuda and torch.cuda.get_device_capability(d.device) < (8, 9):
+            raise TrainingError(f"model.fp8: {torch.cuda.get_device_name(d.device)} has no FP8 matmuls (needs "
+                                "compute capability 8.9+: Ada, Hopper or newer)")
+        try:
+            n = float8.convert(_decoder_layers(model), cfg.model.fp8, fp8_all_gather)
+        except float8.Float8Unavailable as e:
+            raise TrainingError(str(e)) from None
+        if d.rank == 0:
+            print(f"keizoku: model.fp8: {cfg.model.fp8}: {n} linear layers compute in FP8", flush=True)
     _shard(lm_loss, cfg, d, bf16, compile)
     optimizer = adamw(model, cfg.optim, d.device.type)
     steps, total_samples = blend.samples_for(t.max_steps, t.max_tokens, t.global_batch_size, seq)
@@ -243,6 +255,8 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if cfg.model.fp8 != "none":
+                float8.after_optimizer_step(lm_loss, cfg.model.fp8, fp8_all_gather)
         scheduler.step()
         step += 1
         consumed += t.global_batch_size
@@ -295,7 +309,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, compile: bool) -> None:
-    """FSDP2 per decoder layer (each optionally checkpointed and compiled), then the root: the wrapper, so the
+    """FSDP2 per decoder layer (each with its activation checkpointing, optionally compiled), then the root: the wrapper, so the
     embedding, final norm and output layer stay gathered from the body's forward through the loss."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -305,11 +319,7 @@ def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, com
         if bf16 and d.device.type == "cuda" else MixedPrecisionPolicy()
     layers = _decoder_layers(model.lm)
     for i, layer in enumerate(layers):
-        if cfg.model.activation_checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-            layer = checkpoint_wrapper(layer)
-            layers[i] = layer
+        layer = layers[i] = recompute.wrap(layer, cfg.model.activation_checkpointing)
         if compile:
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)

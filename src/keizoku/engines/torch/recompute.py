@@ -1,0 +1,45 @@
+"""Activation checkpointing of decoder layers (``model.activation_checkpointing``).
+
+- ``none``: every activation is kept for the backward pass (fastest; the most memory).
+- ``selective``: per-operator (torch.utils.checkpoint's selective checkpointing): the outputs of matmuls and
+  attention are kept, everything else in the layer (norms, RoPE, SiLU·mul, residual adds, casts) is recomputed in
+  the backward pass. The recomputed work is memory-bound and cheap; the kept tensors are the ones that cost FLOPs.
+- ``full``: only each layer's input is kept; the whole layer runs again in the backward pass (~1/3 more compute,
+  the least memory).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+MODES = ("none", "selective", "full")
+
+_aten = torch.ops.aten
+# operators whose outputs `selective` keeps: the FLOP-heavy ones (fp8 matmuls included)
+KEPT_OPS = {
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten._scaled_mm.default,
+    *(getattr(_aten, name).default for name in (
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward", "_efficient_attention_forward") if hasattr(_aten, name)),
+}
+
+
+def _keep_flop_heavy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def wrap(layer: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``layer`` with the given activation checkpointing (``layer`` itself for ``none``)."""
+    if mode == "none":
+        return layer
+    if mode == "full":
+        return checkpoint_wrapper(layer, preserve_rng_state=False)
+    if mode == "selective":
+        return checkpoint_wrapper(layer, preserve_rng_state=False,
+                                  context_fn=partial(create_selective_checkpoint_contexts, _keep_flop_heavy))
+    raise ValueError(f"activation checkpointing: {mode!r} is none of {', '.join(MODES)}")

@@ -1,0 +1,61 @@
+"""model.activation_checkpointing: what each mode keeps and recomputes, counted on a real Llama decoder layer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from keizoku.engines.torch import recompute
+
+aten = torch.ops.aten
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(mode: str) -> tuple[Counter, Counter]:
+    """Operators run in the forward and in the backward pass of one decoder layer."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    layer = recompute.wrap(LlamaDecoderLayer(cfg, layer_idx=0), mode)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    pos = LlamaRotaryEmbedding(cfg)(x, torch.arange(16).unsqueeze(0))
+    with _Ops() as forward:
+        out = layer(x, position_embeddings=pos, attention_mask=None)
+    out = out[0] if isinstance(out, tuple) else out
+    with _Ops() as backward:
+        out.square().sum().backward()
+    return forward.count, backward.count
+
+
+def test_modes_recompute_what_they_say():
+    (forward, none), (_, selective), (_, full) = (_ops(m) for m in ("none", "selective", "full"))
+    mm = aten.mm.default
+    attention = [op for op in recompute.KEPT_OPS if "attention" in str(op)]
+    # none: the backward pass runs no forward op again; its matmuls are the gradients' (2 per forward matmul)
+    assert none[aten.silu.default] == 0 and sum(none[op] for op in attention) == 0
+    # selective: the same matmuls and no attention forward as `none`, but the elementwise work again
+    assert selective[mm] == none[mm] and sum(selective[op] for op in attention) == 0
+    assert selective[aten.silu.default] == 1 and selective[aten.rsqrt.default] >= 2
+    # full: the forward again, its matmuls and attention included (but the last matmul: recomputation stops early
+    # once every tensor the backward needs exists again)
+    assert forward[mm] == 7 and full[mm] == none[mm] + forward[mm] - 1 and sum(full[op] for op in attention) == 1 and full[aten.silu.default] == 1
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="none, selective, full"):
+        recompute.wrap(torch.nn.Linear(2, 2), "some")
