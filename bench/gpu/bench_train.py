@@ -5,9 +5,12 @@ Variants (each in its own process, one after another, so memory and compile cach
              loader over the bundled samples tokenized, AdamW, metrics; checkpoints and eval off. Extra
              ``key=value`` overrides name sub-variants (e.g. keizoku:train.loss_chunk_tokens=0).
   hf         Hugging Face Trainer, bf16=True, gradient checkpointing (what most users pick), random tokens.
-  fsdp       a plain FSDP2 loop, per-layer torch.compile, no checkpointing, full fp32 logits + F.cross_entropy,
-             random tokens; then the same process and model with keizoku's chunked loss (``fsdp-chunked``), and a
-             torch.profiler summary of one step of each.
+  fsdp       a plain FSDP2 loop, per-layer torch.compile, full fp32 logits + F.cross_entropy, random tokens.
+             Options after a colon: ``eager`` (no compile), ``ac`` (activation checkpointing of every layer, what
+             8B needs in 80 GB), ``chunked`` (then the same process and model with keizoku's chunked loss).
+             ``--profile``: a torch.profiler summary of one step of each.
+With ``--world N`` > 1 each variant runs under torchrun on N GPUs (FSDP2 over them; HF Trainer with FSDP).
+``--mem-cap-gib`` caps every variant's GPU memory (an H100's 78 GiB on an H200).
 All share the Llama shape, micro batch, global batch, optimizer (fused AdamW, fp32 master weights, bf16 compute).
 Reported: median step time over the steps after ``--warmup``, tokens/s/GPU, MFU (6·N + 12·L·H·S per token, N
 without the input embedding, output layer included; 989.4 TFLOP/s), peak allocated memory, card.
@@ -55,6 +58,10 @@ def flops_per_token(shape: str, seq: int) -> float:
     return 6 * n + 12 * L * h * seq
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
 def summary(name: str, a, step_times: list[float], memory_gib: float) -> dict:
     import torch
 
@@ -75,10 +82,7 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
     from keizoku.config import load
     from keizoku.engines import run
 
-    work = Path(tempfile.mkdtemp(prefix="kz-bench-"))
-    llama_config(a.shape, a.seq).save_pretrained(work / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (work / "model" / f).write_bytes((ROOT / "src/keizoku/assets/tokenizer" / f).read_bytes())
+    work = Path(a.workdir)  # one per variant, the same for all its ranks
     data = Path(a.data)
     cfg = {
         "run_dir": str(work / "run"),
@@ -91,11 +95,18 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
         "eval": {"interval": 0, "at_start": False},
         "logging": {"interval": 1, "tensorboard": False},
     }
-    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    if not rank():
+        llama_config(a.shape, a.seq).save_pretrained(work / "model")
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (work / "model" / f).write_bytes((ROOT / "src/keizoku/assets/tokenizer" / f).read_bytes())
+        (work / "cfg.tmp").write_text(yaml.safe_dump(cfg))
+        (work / "cfg.tmp").rename(work / "cfg.yaml")
+    while not (work / "cfg.yaml").exists():
+        time.sleep(0.2)
     code = run(load(work / "cfg.yaml", overrides))
     if code:
         raise SystemExit(f"keizoku train exited {code}")
-    if int(os.environ.get("RANK", 0)):
+    if rank():
         return []
     records = [json.loads(x) for x in (work / "run/metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"][a.warmup:]
@@ -130,6 +141,10 @@ def run_hf(a) -> list[dict]:
             return {"input_ids": t, "labels": t}
 
     times: list[float] = []
+    sharding = {}
+    if a.world > 1:  # what HF users do on several GPUs: Trainer's FSDP, each decoder layer a unit
+        sharding = dict(fsdp="full_shard auto_wrap",
+                        fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": True})
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -141,35 +156,50 @@ def run_hf(a) -> list[dict]:
             times.append(time.perf_counter() - self.t0)
 
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="hf-bench-"), per_device_train_batch_size=a.micro,
-                             gradient_accumulation_steps=a.global_batch // a.micro, max_steps=a.steps, bf16=True,
+                             gradient_accumulation_steps=a.global_batch // (a.micro * a.world), max_steps=a.steps,
+                             bf16=True,
                              gradient_checkpointing=True, optim="adamw_torch_fused", learning_rate=3e-4,
                              lr_scheduler_type="cosine", logging_steps=5, save_strategy="no", report_to=[],
-                             dataloader_num_workers=2, max_grad_norm=1.0)
+                             dataloader_num_workers=2, max_grad_norm=1.0, **sharding)
     Trainer(model=model, args=args, train_dataset=Random(), callbacks=[Clock()]).train()
-    return [summary("hf-trainer-bf16-gc", a, times[a.warmup:], torch.cuda.max_memory_allocated() / 2**30)]
+    if rank():
+        return []
+    return [summary("hf-trainer-bf16-gc" + ("-fsdp" if sharding else ""), a, times[a.warmup:],
+                    torch.cuda.max_memory_allocated() / 2**30)]
 
 
-def run_fsdp(a) -> list[dict]:
+def run_fsdp(a, options: list[str]) -> list[dict]:
     import torch
     import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
     from keizoku.engines.torch.loss import CausalLMWithLoss
 
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"file://{tempfile.mkdtemp()}/s", rank=0, world_size=1)
+    compile, ac, chunked_too = "eager" not in options, "ac" in options, "chunked" in options
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("nccl", init_method=f"file://{tempfile.mkdtemp()}/s", rank=0, world_size=1)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(llama_config(a.shape, a.seq), attn_implementation="sdpa",
-                                             dtype=torch.float32).cuda()
-    wrapped = CausalLMWithLoss(model, chunk=2048, compile=True)
+                                             dtype=torch.float32)
+    model.config.use_cache = False  # else each layer's cache state makes dynamo recompile until its limit
+    model = model.cuda()
+    wrapped = CausalLMWithLoss(model, chunk=2048, compile=compile)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        layer.compile()
+    for i, layer in enumerate(model.model.layers):
+        if ac:
+            layer = model.model.layers[i] = checkpoint_wrapper(layer)
+        if compile:
+            layer.compile()
         fully_shard(layer, mp_policy=mp)
     fully_shard(wrapped, mp_policy=mp)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-    accum = a.global_batch // a.micro
+    accum = a.global_batch // (a.micro * a.world)
+    torch.manual_seed(rank())
     data = random_tokens(a, 4, "cuda")
 
     def step(i: int, chunked: bool):
@@ -185,7 +215,8 @@ def run_fsdp(a) -> list[dict]:
         return loss
 
     out = []
-    for chunked in (False, True):
+    base = "fsdp2" + ("-compile" if compile else "-eager") + ("-ac" if ac else "")
+    for chunked in ((False, True) if chunked_too else (False,)):
         torch.cuda.reset_peak_memory_stats()
         times = []
         for i in range(a.steps):
@@ -194,10 +225,10 @@ def run_fsdp(a) -> list[dict]:
             loss = step(i, chunked)
             loss.item()
             times.append(time.perf_counter() - t0)
-        name = "fsdp2-compile" + ("+chunked-loss" if chunked else "")
+        name = base + ("+chunked-loss" if chunked else "")
         out.append(summary(name, a, times[a.warmup:], torch.cuda.max_memory_allocated() / 2**30))
         print(json.dumps(out[-1]), flush=True)
-        if a.profile:
+        if a.profile and not rank():
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -208,7 +239,7 @@ def run_fsdp(a) -> list[dict]:
             if a.out:
                 Path(a.out, f"profile-{name}.txt").write_text(table)
     dist.destroy_process_group()
-    return out
+    return [] if rank() else out
 
 
 # --- driver ------------------------------------------------------------------------------------------------
@@ -221,25 +252,35 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=4, help="per step, all GPUs")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=4, help="steps left out of the median")
-    p.add_argument("--world", type=int, default=1)
+    p.add_argument("--world", type=int, default=1, help="GPUs (torchrun --nproc-per-node)")
+    p.add_argument("--mem-cap-gib", type=float, help="cap each process's GPU memory (e.g. 78: an H100 on an H200)")
     p.add_argument("--data", default=str(ROOT / ".bench-gpu/data"), help="keizoku-tokenized samples")
     p.add_argument("--variants", nargs="+", default=["keizoku", "hf", "fsdp"],
-                   help="keizoku, keizoku:KEY=VALUE[,KEY=VALUE], hf, fsdp")
+                   help="keizoku, keizoku:KEY=VALUE[,KEY=VALUE], hf, fsdp, fsdp:eager,ac,chunked")
     p.add_argument("--profile", action="store_true", help="fsdp: torch.profiler summary of one step per loss")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    p.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: that variant's scratch directory
     a = p.parse_args()
     if a.one:
         kind, _, extra = a.one.partition(":")
+        if a.mem_cap_gib:
+            import torch
+
+            dev = int(os.environ.get("LOCAL_RANK", 0))
+            total = torch.cuda.get_device_properties(dev).total_memory / 2**30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, a.mem_cap_gib / total), dev)
         rows = {"keizoku": lambda: run_keizoku(a, extra.split(",") if extra else []),
-                "hf": lambda: run_hf(a), "fsdp": lambda: run_fsdp(a)}[kind]()
+                "hf": lambda: run_hf(a), "fsdp": lambda: run_fsdp(a, extra.split(","))}[kind]()
         for row in rows:
             print("RESULT " + json.dumps(row), flush=True)
         return
     results = []
     for v in a.variants:
         t0 = time.perf_counter()
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", v]
+        launcher = [sys.executable] if a.world == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.world}"]
+        cmd = [*launcher, __file__, *sys.argv[1:], "--one", v, "--workdir", tempfile.mkdtemp(prefix="kz-bench-")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         log = proc.stdout + proc.stderr
         if a.out:

@@ -137,6 +137,8 @@ def _fmt(v) -> str:
 
 
 def run(cfg: KeizokuConfig) -> int:
+    # growable allocator segments: large models at the edge of GPU memory fragment it less (read when CUDA starts)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     d = setup_distributed(cfg)
     try:
         return _train(cfg, d)
