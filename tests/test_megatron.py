@@ -135,8 +135,6 @@ P_RELEASES = sorted(FIELDS)
     (["train.on_nan=skip"], "train.on_nan: skip is not available with engine: megatron"),
     (["checkpoint.save_at_end=false"], "checkpoint.save_at_end: false is not available"),
     (["megatron.tensor_parallel=0"], "megatron.tensor_parallel: must be at least 1"),
-    (["data.validation={ja: [{path: x}], en: [{path: y}]}"],
-     "data.validation: engine: megatron evaluates one validation set, not 2"),
     (["megatron.overrides={apply_rope_fusion: false}"], "megatron.overrides.apply_rope_fusion: expected SECTION.field"),
 ])
 def test_impossible_combinations_are_refused(setup, more, message):
@@ -422,31 +420,175 @@ def test_train_and_import_refuse_without_a_gpu(bridge, setup, tmp_path):
     assert not (tmp_path / "imp").exists()
 
 
+def _restoring_signals(fn):
+    import functools
+    import signal
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+        try:
+            return fn(*a, **kw)
+        finally:
+            for sig, old in saved.items():
+                signal.signal(sig, old)
+    return wrapper
+
+
+def _wait_for(condition) -> bool:
+    for _ in range(200):
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@_restoring_signals
 def test_walltime_signals_reach_bridges_exit_handler(bridge):
-    """SIGUSR1/SIGUSR2 (walltime warnings) are relayed to the SIGTERM that Bridge's exit handler watches."""
+    """SIGUSR1/SIGUSR2 (walltime warnings) reach Bridge's real exit handler (which watches SIGTERM only), also
+    when they come before Bridge installed it (import, model build, checkpoint load): then at training start."""
     import os
     import signal
 
     from megatron.bridge.training.utils.sig_utils import DistributedSignalHandler
 
-    from keizoku.engines.megatron.trainer import _relay_to_sigterm
+    from keizoku.engines.megatron.reporting import WalltimeRelay
 
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fresh `keizoku train`: Bridge has not started
+    said = []
+    relay = WalltimeRelay(deferrable=True, log=said.append)
+    os.kill(os.getpid(), signal.SIGUSR1)  # before Bridge: kept (the default SIGTERM would end the process)
+    assert _wait_for(lambda: relay.pending == signal.SIGUSR1)
+    handler = DistributedSignalHandler(signal.SIGTERM).__enter__()  # what Bridge's GlobalState does in pretrain
+    assert not handler._signal_received
+    relay.on_train_start()  # Bridge's on_train_start event
+    assert handler._signal_received and relay.pending is None
+    handler.release()
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):  # while training: straight to Bridge's handler
+        handler = DistributedSignalHandler(signal.SIGTERM).__enter__()
+        os.kill(os.getpid(), sig)
+        assert _wait_for(lambda: handler._signal_received), sig
+        handler.release()
+    assert "SIGUSR1 before training started" in said[0] and "SIGUSR2: Megatron-Bridge saves" in said[-1], said
+
+
+def test_walltime_signal_without_callbacks_is_a_sigterm(bridge):
+    """Bridge 0.2 (no callbacks): a warning before Bridge's handler exists ends the process like SIGTERM."""
+    code = ("import os, signal, time\n"
+            "from keizoku.engines.megatron.reporting import WalltimeRelay\n"
+            "WalltimeRelay(deferrable=False)\n"
+            "os.kill(os.getpid(), signal.SIGUSR2)\n"
+            "time.sleep(5)\n"
+            "print('still running')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -15 and "still running" not in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_reporter_registers_with_bridges_callback_manager(bridge, setup):
+    from megatron.bridge.training.callbacks import CallbackManager
+
+    from keizoku.engines.megatron.reporting import Reporter, WalltimeRelay
+
+    if not P.has_callbacks(bridge.release):
+        pytest.skip(f"{bridge} has no callbacks")
+    manager = CallbackManager()
+    Reporter(load(None, overrides(setup)), 20, WalltimeRelay(True, signals=())).register(manager)
+    for event in Reporter.EVENTS:
+        assert manager.has_callbacks(event), event
+    assert P.has_callbacks("0.6") and not P.has_callbacks("0.2")
+
+
+def test_metrics_records_have_the_torch_engines_schema(setup, tmp_path):
+    """metrics.jsonl of engine: megatron (reporting.train_record/eval_record) has the keys a real engine: torch
+    run writes, for two validation sets and the evaluation before step 1."""
+    from keizoku.engines.megatron.reporting import MetricsFile, eval_record, train_record
+
+    run = tmp_path / "torch-run"
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("")
+    data = setup / "data"
+    keizoku("train", cfg, *overrides(setup, "engine=torch", f"run_dir={run}", "train.max_steps=1",
+                                     "eval.batches=1", "eval.at_start=true", "logging.tensorboard=false",
+                                     f"data.validation={{ja: [{{path: {data}/ja_sample_text_document}}], "
+                                     f"en: [{{path: {data}/en_sample_text_document}}]}}"))
+    torch_records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ours = tmp_path / "metrics.jsonl"
+    m = MetricsFile(ours)
+    m.log("eval", 0, eval_record({"ja": 8.9, "en": 9.1}))
+    m.log("train", 1, train_record(loss=8.95, lr=3e-3, grad_norm=1.5, step_s=0.5, tokens_per_step=512, world=2,
+                                   step=1, memory_gib=None))
+    m.log("eval", 1, eval_record({"ja": 8.7, "en": 8.8}))
+    m.file.close()
+    megatron_records = [json.loads(line) for line in ours.read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in torch_records] == [("eval", 0), ("train", 1), ("eval", 1)]
+    for a, b in zip(torch_records, megatron_records):
+        torch_keys = set(a) - {"data_share", "memory_gib", "mfu"}  # torch-engine-only measurements
+        assert torch_keys == set(b), (sorted(a), sorted(b))
+    assert megatron_records[1]["tokens_per_s"] == 1024 and megatron_records[1]["tokens_per_s_per_device"] == 512
+    assert megatron_records[0]["ja_ppl"] == pytest.approx(math.exp(8.9))
+
+
+def test_validation_batches_are_the_torch_engines_eval_samples(bridge, setup, tmp_path):
+    """Each validation set's samples (keizoku's own evaluation of engine: megatron) equal those blend.build
+    gives engine: torch; each data-parallel rank reads its share of micro batches with the keys Bridge reads."""
+    import torch.distributed as dist
+
+    from keizoku.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from keizoku.engines.megatron.reporting import validation_batches, validation_datasets
+
+    data = setup / "data"
+    cfg = load(None, overrides(setup, f"run_dir={tmp_path / 'run'}",
+                               f"data.validation={{ja: [{{path: {data}/ja_sample_text_document}}], "
+                               f"en: [{{path: {data}/en_sample_text_document}}]}}"))
+    dp, batches, micro = 2, 3, cfg.train.micro_batch_size
+    eval_samples = batches * micro * dp
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp(prefix='keizoku-pg-')}/store", rank=0,
+                            world_size=1)  # megatron-core's dataset builder asks for the rank
     try:
-        _relay_to_sigterm(signal.SIGUSR1, signal.SIGUSR2)
-        for sig in (signal.SIGUSR1, signal.SIGUSR2):
-            handler = DistributedSignalHandler(signal.SIGTERM).__enter__()
-            assert not handler._signal_received
-            os.kill(os.getpid(), sig)
-            for _ in range(100):
-                if handler._signal_received:
-                    break
-                time.sleep(0.01)
-            assert handler._signal_received, sig
-            handler.release()
+        ours = validation_datasets(cfg, eval_samples)
+        tok = load_tokenizer(str(setup / "model"))
+        _, theirs = blend.build(cfg.data, seq_length=cfg.data.seq_length, train_samples=16,
+                                eval_samples=eval_samples, eod=tok.eos_id, vocab_size=tok.vocab_size,
+                                fingerprint=tokenizer_fingerprint(tok), cache_dir=tmp_path / "torch-cache")
     finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
+        dist.destroy_process_group()
+    assert list(ours) == list(theirs) == ["ja", "en"]
+    for name in ours:
+        for i in range(eval_samples):
+            assert torch.equal(ours[name][i]["tokens"], theirs[name][i]["tokens"]), (name, i)
+        seen = []
+        for rank in range(dp):
+            micro_batches = list(validation_batches(ours[name], eval_samples, micro, rank, dp))
+            assert len(micro_batches) == batches
+            assert {"tokens", "labels", "loss_mask", "position_ids"} <= set(micro_batches[0])
+            assert micro_batches[0]["tokens"].shape == (micro, cfg.data.seq_length)
+            seen += [b["tokens"] for b in micro_batches]
+        assert len({tuple(t.flatten().tolist()) for t in seen}) == batches * dp  # no sample read twice
+
+
+def test_launch_driver_sees_megatron_checkpoints(setup, tmp_path):
+    """The walltime chain's completeness check (launch/driver.py) reads Megatron-Bridge's layout: the newest
+    iteration named by its tracker file (Bridge's checkpoint_utils.get_checkpoint_tracker_filename), only if that
+    checkpoint directory (get_checkpoint_name: iter_NNNNNNN) exists."""
+    from keizoku.launch.driver import Plan, completed_checkpoint, completed_step, is_complete
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    ckpt.mkdir(parents=True)
+    tracker = ckpt / "latest_checkpointed_iteration.txt"
+    assert completed_step(str(run)) is None
+    tracker.write_text("20")
+    assert completed_step(str(run)) is None  # a tracker without its checkpoint: not complete
+    (ckpt / "iter_0000010").mkdir()
+    (ckpt / "iter_0000020").mkdir()
+    assert completed_checkpoint(str(run)) == (20, str(ckpt / "iter_0000020"))
+    config = tmp_path / "m.yaml"
+    config.write_text("")
+    plan = Plan(train_args=[str(config), *overrides(setup, f"run_dir={run}", "train.max_steps=30")], run_dir=str(run))
+    assert is_complete(plan) is None
+    tracker.write_text("30\n")
+    (ckpt / "iter_0000030").mkdir()
+    assert is_complete(plan) == "training is complete (step 30 of 30); nothing to run"
 
 
 def test_engine_torch_never_imports_megatron_bridge(setup, tmp_path):

@@ -63,6 +63,7 @@ def make_model(path: Path) -> None:
 
 
 def config(run: str, engine: str = "megatron", dtype: str = "fp32", steps: int = STEPS, warmup: int = 0,
+           sets: tuple[str, ...] = ("ja",), at_start: bool = False, mg: dict | None = None,
            **megatron_overrides) -> Path:
     import yaml
 
@@ -71,19 +72,19 @@ def config(run: str, engine: str = "megatron", dtype: str = "fp32", steps: int =
         "model": {"hf_path": str(WORK / "hf"), "dtype": dtype},
         "data": {"blend": [{"path": str(DATA / "ja_sample_text_document"), "weight": 0.9},
                            {"path": str(DATA / "en_sample_text_document"), "weight": 0.1}],
-                 "validation": {"ja": [{"path": str(DATA / "ja_sample_text_document")}]},
+                 "validation": {name: [{"path": str(DATA / f"{name}_sample_text_document")}] for name in sets},
                  "seq_length": 128, "num_workers": 0, "seed": 1234},
         "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": steps, "seed": 1234},
         "optim": {"lr": 3e-3, "min_lr": 3e-4},
         "schedule": {"kind": "cosine", "warmup_steps": warmup},
         "checkpoint": {"interval": 10, "keep_last": 3},
-        "eval": {"interval": 10, "batches": 4, "at_start": False},
+        "eval": {"interval": 10, "batches": 4, "at_start": at_start},
         "logging": {"interval": 1, "tensorboard": engine == "megatron"},
         # no Transformer Engine on this machine: Megatron-Core's own layers; without TE or Apex the distributed
         # optimizer cannot resume (bench/megatron/README.md), so it is off here
         "megatron": {"transformer_impl": "local", "distributed_optimizer": False, "overlap_param_gather": False,
                      "import_dir": str(WORK / "imports"),
-                     "overrides": {f"train.{k}": v for k, v in megatron_overrides.items()}},
+                     "overrides": {f"train.{k}": v for k, v in megatron_overrides.items()}, **(mg or {})},
     }
     path = WORK / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -174,6 +175,146 @@ def extra() -> None:
     print("bf16 loss:", {k: round(v, 4) for k, v in h.items() if k in (1, 5, 10, 20, 30)})
 
 
+def metrics(run: str) -> tuple[dict[int, dict], dict[int, dict]]:
+    """RUN_DIR/metrics.jsonl: ({step: train record}, {step: eval record}); a resumed run's later records win."""
+    train, evals = {}, {}
+    for r in map(json.loads, (WORK / run / "metrics.jsonl").read_text().splitlines()):
+        (train if r["kind"] == "train" else evals)[r["step"]] = r
+    return train, evals
+
+
+def background(args: list, log: str, gpus: str) -> subprocess.Popen:
+    f = open(OUT / f"{log}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "keizoku", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus})
+
+
+def torchrun(*args, log: str, nproc: int = 2, timeout: int = 300) -> tuple[int, float]:
+    start = time.perf_counter()
+    with open(OUT / f"{log}.log", "w") as f:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                   str(nproc), "-m", "keizoku", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = -999
+    return code, round(time.perf_counter() - start, 1)
+
+
+def walltime_signal(run: str, steps: int, at: int, gpus: str) -> dict:
+    """SIGUSR1 to `keizoku train` once step `at` is logged: it must save, exit 3, and a rerun must finish."""
+    import re
+    import signal
+
+    log = OUT / f"train_{run}1.log"
+    proc = background(["train", config(run, steps=steps)], f"train_{run}1", gpus)
+    deadline, seen = time.monotonic() + 240, None
+    pattern = re.compile(rf"iteration\s+{at}/")
+    while proc.poll() is None and time.monotonic() < deadline:
+        if pattern.search(log.read_text(errors="replace")):
+            seen = time.monotonic()
+            break
+        time.sleep(0.2)
+    out = {"line_seen": seen is not None, "alive_when_signalled": proc.poll() is None}
+    proc.send_signal(signal.SIGUSR1)
+    out["exit_status"] = proc.wait(timeout=240)
+    text = log.read_text(errors="replace")
+    out["keizoku_said"] = [ln for ln in text.splitlines() if "SIGUSR1" in ln or "stopped at step" in ln][:4]
+    tracker = WORK / run / "checkpoints/latest_checkpointed_iteration.txt"
+    out["saved_at"] = int(tracker.read_text()) if tracker.exists() else None
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
+    with open(OUT / f"train_{run}2.log", "w") as f:
+        out["rerun_exit_status"] = subprocess.run([sys.executable, "-m", "keizoku", "train", str(config(run, steps=steps))],
+                                                  stdout=f, stderr=subprocess.STDOUT, env=env, timeout=300).returncode
+    out["finished_at"] = int(tracker.read_text()) if tracker.exists() else None
+    return out
+
+
+def parallel() -> None:
+    """Two GPUs: TP=2 + sequence parallel, PP=2, DP=2 with the distributed optimizer, each against the one-GPU
+    curve; exports from the TP=2 and PP=2 checkpoints; metrics.jsonl with two validation sets and eval at step 0
+    against engine: torch; SIGUSR1 stopping a run."""
+    from keizoku.engines.megatron import versions
+    from keizoku.engines.megatron.importer import cache_dir, fingerprint
+
+    found = versions.detect()
+    RESULTS["megatron"] = str(found)
+    RESULTS["gpus"] = torch.cuda.device_count()
+    sets = ("ja", "en")
+    # the import once, into the cache every run finds
+    target = cache_dir(WORK / "imports", fingerprint(WORK / "hf"), found.release)
+    RESULTS["import_seconds"] = round(keizoku("convert", "import", "--engine", "megatron", WORK / "hf", "--out",
+                                              target, "--transformer-impl", "local", log="import"), 1)
+    save()
+    # GPU 0: one-GPU megatron (two validation sets, eval at step 0); GPU 1: the same with engine: torch
+    t0 = time.perf_counter()
+    one = background(["train", config("P1", sets=sets, at_start=True)], "train_P1", "0")
+    tor = background(["train", config("T", engine="torch", sets=sets, at_start=True)], "train_T", "1")
+    RESULTS["P1_exit"], RESULTS["T_exit"] = one.wait(timeout=300), tor.wait(timeout=300)
+    RESULTS["P1_T_seconds"] = round(time.perf_counter() - t0, 1)
+    p1_train, p1_eval = metrics("P1")
+    t_train, t_eval = metrics("T")
+    RESULTS["P1_loss"] = {s: r["loss"] for s, r in p1_train.items()}
+    RESULTS["P1_eval"] = p1_eval
+    RESULTS["T_eval"] = t_eval
+    RESULTS["P1_record_keys"] = sorted(p1_train[STEPS])
+    RESULTS["torch_vs_megatron_max_loss_diff"] = max(abs(p1_train[s]["loss"] - t_train[s]["loss"])
+                                                     for s in range(1, STEPS + 1))
+    RESULTS["torch_vs_megatron_eval_diff"] = {
+        step: {k: abs(v - t_eval[step][k]) for k, v in rec.items() if k.endswith("_loss")}
+        for step, rec in p1_eval.items() if step in t_eval}
+    save()
+    print("P1 vs T:", RESULTS["torch_vs_megatron_max_loss_diff"], RESULTS["torch_vs_megatron_eval_diff"], flush=True)
+
+    # SIGUSR1 on GPU 0 while GPU 1 is free for nothing else: keep it short
+    RESULTS["signal"] = walltime_signal("S", steps=60, at=8, gpus="0")
+    save()
+    print("signal:", RESULTS["signal"], flush=True)
+
+    layouts = {"TP2SP": {"tensor_parallel": 2, "sequence_parallel": True},
+               "PP2": {"pipeline_parallel": 2},
+               "DP2DO": {"distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True}}
+    base = RESULTS["P1_loss"]
+    for name, mg in layouts.items():
+        code, seconds = torchrun("train", config(name, sets=sets, at_start=True, mg=mg), log=f"train_{name}")
+        entry = {"exit": code, "seconds": seconds, "megatron": mg}
+        try:
+            tr, ev = metrics(name)
+            entry["loss"] = {s: r["loss"] for s, r in tr.items()}
+            entry["max_loss_diff_vs_1gpu"] = max(abs(tr[s]["loss"] - base[s]) for s in range(1, STEPS + 1))
+            entry["eval"] = ev
+            entry["max_eval_diff_vs_1gpu"] = max(abs(v - p1_eval[st][k]) for st, rec in ev.items()
+                                                 for k, v in rec.items() if k.endswith("_loss"))
+        except (OSError, KeyError, ValueError) as e:
+            entry["error"] = repr(e)
+            entry["log_tail"] = (OUT / f"train_{name}.log").read_text(errors="replace")[-3000:]
+        RESULTS[name] = entry
+        save()
+        print(name, {k: v for k, v in entry.items() if k not in ("loss", "eval", "log_tail")}, flush=True)
+
+    # exports from the TP=2 and PP=2 checkpoints (one GPU each), checked by keizoku against the Megatron logits
+    procs = {}
+    for gpu, name in enumerate(("TP2SP", "PP2")):
+        if (WORK / name / "checkpoints/latest_checkpointed_iteration.txt").exists():
+            procs[name] = background(["export", WORK / name, "--out", WORK / f"{name}-hf"], f"export_{name}", str(gpu))
+    p1_export = background(["export", WORK / "P1", "--out", WORK / "P1-hf"], "export_P1", "0") if not procs else None
+    for name, proc in procs.items():
+        entry = RESULTS[name]
+        entry["export_exit"] = proc.wait(timeout=300)
+        entry["export_log"] = [ln for ln in (OUT / f"export_{name}.log").read_text().splitlines() if "verified" in ln]
+    if p1_export is None:
+        keizoku("export", WORK / "P1", "--out", WORK / "P1-hf", log="export_P1")
+    else:
+        p1_export.wait(timeout=300)
+    for name in procs:
+        if (WORK / f"{name}-hf/model.safetensors").exists():
+            RESULTS[name]["export_max_weight_diff_vs_1gpu"] = safetensors_diff(WORK / "P1-hf", WORK / f"{name}-hf")
+    save()
+    print(json.dumps({k: v for k, v in RESULTS.items() if not k.endswith(("_loss", "_eval"))}, indent=1,
+                     default=lambda o: str(o))[:6000])
+
+
 def prepare() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
@@ -250,5 +391,8 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--extra"]:
         prepare()
         extra()
+    elif sys.argv[1:] == ["--parallel"]:
+        prepare()
+        parallel()
     else:
         main()

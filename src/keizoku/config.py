@@ -331,10 +331,6 @@ def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
     if not cfg.checkpoint.save_at_end:
         err.append("checkpoint.save_at_end: false is not available with engine: megatron (Megatron-Bridge always "
                    "saves the last step)")
-    if len(cfg.data.validation) > 1:
-        err.append(f"data.validation: engine: megatron evaluates one validation set, not "
-                   f"{len(cfg.data.validation)} ({', '.join(cfg.data.validation)}); keep one, or blend them in one "
-                   "entry")
     for key in mg.overrides:
         if key.split(".", 1)[0] not in _MEGATRON_OVERRIDE_SECTIONS or "." not in key:
             err.append(f"megatron.overrides.{key}: expected SECTION.field with SECTION one of "

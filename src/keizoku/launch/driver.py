@@ -95,15 +95,33 @@ def log(msg: str) -> None:
 
 # --- completeness -----------------------------------------------------------------------------------------
 
-def completed_step(run_dir: str) -> Optional[int]:
-    """Step of the newest complete checkpoint (a ``step_NNNNNNNN`` directory with its trainer state)."""
+def completed_checkpoint(run_dir: str) -> Optional[tuple[int, str]]:
+    """(step, directory) of the newest complete checkpoint of either engine: engine: torch writes
+    ``step_NNNNNNNN`` directories with their trainer state; engine: megatron (Megatron-Bridge) writes
+    ``iter_NNNNNNN`` and names the newest finished one in ``latest_checkpointed_iteration.txt`` (written after
+    the save, asynchronous ones included, is complete)."""
     root = os.path.join(run_dir, "checkpoints")
+    found = []
     try:
-        names = sorted(n for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()
-                       and os.path.exists(os.path.join(root, n, "trainer_state.json")))
+        names = os.listdir(root)
     except OSError:
         return None
-    return int(names[-1][5:]) if names else None
+    found += [(int(n[5:]), os.path.join(root, n)) for n in names if n.startswith("step_") and n[5:].isdigit()
+              and os.path.exists(os.path.join(root, n, "trainer_state.json"))]
+    try:
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
+            text = f.read().strip()
+        if text.isdigit() and os.path.isdir(os.path.join(root, f"iter_{int(text):07d}")):
+            found.append((int(text), os.path.join(root, f"iter_{int(text):07d}")))
+    except OSError:
+        pass
+    return max(found) if found else None
+
+
+def completed_step(run_dir: str) -> Optional[int]:
+    """Step of the newest complete checkpoint (``completed_checkpoint``)."""
+    newest = completed_checkpoint(run_dir)
+    return newest[0] if newest else None
 
 
 def total_steps_now(plan: Plan) -> Optional[int]:

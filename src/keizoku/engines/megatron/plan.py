@@ -41,6 +41,8 @@ FP8_PRESETS = {
 }
 # Bridge releases whose ConfigContainer has a ``validation`` section (eval settings left TrainingConfig there)
 VALIDATION_SECTION_FROM = (0, 4)
+# Bridge releases whose pretrain() takes callbacks (keizoku's metrics.jsonl and evaluation: reporting.py)
+CALLBACKS_FROM = (0, 3)
 # fusions that need Transformer Engine (or Apex) kernels; off with megatron.transformer_impl: local
 TE_ONLY_FUSIONS = ("apply_rope_fusion", "gradient_accumulation_fusion", "masked_softmax_fusion",
                    "bias_activation_fusion", "bias_dropout_fusion", "persist_layer_norm", "cross_entropy_loss_fusion")
@@ -51,6 +53,10 @@ Blend = tuple[list[str], list[float] | None]
 def train_iters(cfg: KeizokuConfig) -> int:
     t = cfg.train
     return samples_for(t.max_steps, t.max_tokens, t.global_batch_size, cfg.data.seq_length)[0]
+
+
+def has_callbacks(release: str) -> bool:
+    return _at_least(release, CALLBACKS_FROM)
 
 
 def data_parallel_size(cfg: KeizokuConfig, world_size: int) -> int:

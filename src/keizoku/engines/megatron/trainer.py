@@ -4,7 +4,8 @@ Reads top to bottom: check the installed Bridge/Core pair and the config against
 resolved config and what export needs (``RUN_DIR/megatron.json``), make sure the HF weights are imported to
 Megatron format (cached by fingerprint; skipped once the run has its own checkpoint), build the provider and
 the ``ConfigContainer`` (``plan.py`` → ``container.py``), relay SIGUSR1/SIGUSR2 to Bridge's SIGTERM handler,
-and call ``pretrain`` with Bridge's GPT forward step. Started like the torch engine: ``keizoku train`` for
+and call ``pretrain`` with Bridge's GPT forward step and keizoku's callbacks (``reporting.py``: metrics.jsonl,
+evaluation of every validation set). Started like the torch engine: ``keizoku train`` for
 one GPU, ``torchrun … -m keizoku train`` (or ``keizoku launch``) for many.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 from keizoku.config import KeizokuConfig, save_resolved, validate
@@ -28,7 +28,7 @@ class MegatronTrainingError(MegatronError):
 
 def run(cfg: KeizokuConfig) -> int:
     from keizoku.data import blend
-    from keizoku.engines.megatron import container, importer, plan, versions
+    from keizoku.engines.megatron import container, importer, plan, reporting, versions
 
     try:
         found = versions.detect()
@@ -42,6 +42,10 @@ def run(cfg: KeizokuConfig) -> int:
     if "RANK" not in os.environ:  # one process (keizoku train on one GPU): Bridge initialises from env://
         importer.single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # Bridge >= 0.3 has callbacks: keizoku evaluates every validation set itself and writes metrics.jsonl;
+    # Bridge 0.2 has none: Bridge's own validation of the one set, metrics in its logs/TensorBoard only
+    callbacks = plan.has_callbacks(found.release)
+    relay = reporting.WalltimeRelay(deferrable=callbacks, log=print if rank == 0 else lambda msg: None)  # from here on
     errors = validate(cfg, world_size=world)
     if errors:
         if rank == 0:
@@ -76,12 +80,18 @@ def run(cfg: KeizokuConfig) -> int:
     elif cfg.model.init == "random" and not own and rank == 0:
         print("keizoku: training from random weights (model.init: random)", flush=True)
 
+    if len(cfg.data.validation) > 1 and not callbacks:
+        raise MegatronTrainingError(
+            f"data.validation: {found} evaluates one validation set, not {len(cfg.data.validation)} "
+            f"({', '.join(cfg.data.validation)}); keep one, or use Megatron-Bridge 0.3 or newer")
     train_blend = valid_blend = None
     if not cfg.data.mock:
         total_tokens = steps * cfg.train.global_batch_size * cfg.data.seq_length
         train_blend = blend.blend_of(blend.resolve(cfg.data.blend, "data.blend"), total_tokens)
         for name, entries in cfg.data.validation.items():
             valid_blend = blend.blend_of(blend.resolve(entries, f"data.validation.{name}"), None)
+        if callbacks:
+            valid_blend = None  # keizoku's Reporter evaluates (reporting.py)
     p = plan.plan(cfg, release=found.release, world_size=world, train_blend=train_blend, valid_blend=valid_blend,
                   pretrained_checkpoint=pretrained)
     if rank == 0:
@@ -94,9 +104,15 @@ def run(cfg: KeizokuConfig) -> int:
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 
-    _relay_to_sigterm(signal.SIGUSR1, signal.SIGUSR2)
+    extra = {}
+    if callbacks:
+        from megatron.bridge.training.callbacks import CallbackManager
+
+        manager = CallbackManager()
+        reporting.Reporter(cfg, steps, relay).register(manager)
+        extra["callbacks"] = manager
     try:
-        pretrain(config, forward_step)
+        pretrain(config, forward_step, **extra)
     except SystemExit as e:  # Bridge leaves through sys.exit after an exit signal or train.exit_interval
         if e.code not in (0, None):
             raise MegatronTrainingError(f"Megatron-Bridge stopped with exit status {e.code}") from None
@@ -106,12 +122,6 @@ def run(cfg: KeizokuConfig) -> int:
             print(f"keizoku: stopped at step {done} of {steps} after saving; resubmit to continue", flush=True)
         return EXIT_PREEMPTED
     return EXIT_OK
-
-
-def _relay_to_sigterm(*signals: int) -> None:
-    """Bridge's exit handler listens for one signal (SIGTERM); schedulers' walltime warnings come as these."""
-    for sig in signals:
-        signal.signal(sig, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
 
 
 def _latest_iteration(ckpt_dir: Path) -> int | None:
