@@ -16,8 +16,11 @@ class ModelLoadError(ValueError):
     """The model cannot be loaded as configured; the message names the config key."""
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 1234) -> torch.nn.Module:
-    """The causal LM of ``cfg.hf_path`` in ``dtype`` (fp32 master weights by default), on the CPU."""
+def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 1234,
+               device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The causal LM of ``cfg.hf_path`` in ``dtype`` (fp32 master weights by default): pretrained weights are read
+    on the CPU; random ones (``init: random``) are drawn on ``device`` (an 8B model in seconds on a GPU, minutes
+    on a CPU). The caller moves the model to its device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not cfg.hf_path:
@@ -31,7 +34,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int =
             config = AutoConfig.from_pretrained(cfg.hf_path, **common)
             config._attn_implementation = cfg.attn_implementation
             torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(config, **{dtype_key: dtype}, **common)
+            with torch.device(device):
+                return AutoModelForCausalLM.from_config(config, **{dtype_key: dtype}, **common)
         model, info = AutoModelForCausalLM.from_pretrained(
             cfg.hf_path, attn_implementation=cfg.attn_implementation, output_loading_info=True,
             **{dtype_key: dtype}, **common)

@@ -171,7 +171,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     cuda = d.device.type == "cuda"
     bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
 
-    model = load_model(cfg.model, torch.float32, seed=t.seed).to(d.device)  # fp32 master weights
+    model = load_model(cfg.model, torch.float32, seed=t.seed, device=d.device).to(d.device)  # fp32 master weights
     flops_token, peak = flops_per_token(model, seq), peak_flops(d.device)
     compile = cuda if cfg.model.compile is None else cfg.model.compile
     # on a CPU the chunked loss measured ~30% slower than F.cross_entropy on full logits (bench/quickstart)
