@@ -315,6 +315,9 @@ def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
         err.append("megatron.precision: fp8 together with model.dtype: fp32; choose one")
     if mg.precision == "fp8" and mg.transformer_impl == "local":
         err.append("megatron.precision: fp8 needs megatron.transformer_impl: transformer_engine")
+    if mg.context_parallel > 1 and mg.transformer_impl == "local":  # Core's DotProductAttention asserts cp == 1
+        err.append("megatron.context_parallel: needs megatron.transformer_impl: transformer_engine (context "
+                   "parallelism is only in Transformer Engine's attention)")
     if mg.overlap_param_gather and not mg.distributed_optimizer:
         err.append("megatron.overlap_param_gather: needs megatron.distributed_optimizer: true (set "
                    "overlap_param_gather: false without it)")

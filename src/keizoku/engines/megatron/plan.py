@@ -17,8 +17,10 @@ What each keizoku setting becomes, and why where it is not obvious:
   keizoku's (a difference of at most 1/(steps − W) of the decay). WSD's anneal and constant are identical.
 - Precision: ``model.dtype: fp32`` trains in fp32 (no mixed precision); otherwise ``megatron.precision``
   picks Bridge's preset (bf16_mixed, or bf16 with an FP8 recipe).
-- Evaluation: Megatron evaluates ``eval_iters`` global batches; keizoku's ``eval.batches`` micro batches per
-  data-parallel rank are rounded up to whole global batches. Megatron has no evaluation before step 1.
+- Evaluation: with Bridge >= 0.3 keizoku evaluates every validation set itself (``reporting.py``) and the
+  trainer passes no validation blend, so Bridge's own validation is off. With Bridge 0.2 (no callbacks) Bridge
+  evaluates the one set: ``eval_iters`` global batches, keizoku's ``eval.batches`` micro batches per
+  data-parallel rank rounded up to whole global batches, no evaluation before step 1.
 - Checkpoints: ``save = load = RUN_DIR/checkpoints`` so a rerun resumes; ``pretrained_checkpoint`` is the
   Megatron import of ``model.hf_path``, which Bridge loads (weights only, iteration 0) only while the run has
   no checkpoint of its own.
@@ -156,8 +158,9 @@ def plan(cfg: KeizokuConfig, *, release: str, world_size: int, train_blend: Blen
     out["tokenizer"] = {
         "tokenizer_type": "HuggingFaceTokenizer",
         "tokenizer_model": str(cfg.model.tokenizer or cfg.model.hf_path),
-        "hf_tokenizer_kwargs": {"trust_remote_code": True} if cfg.model.trust_remote_code else {},
     }
+    if cfg.model.trust_remote_code:  # only then: Bridge 0.2 release candidates have no such field
+        out["tokenizer"]["hf_tokenizer_kwargs"] = {"trust_remote_code": True}
     c = cfg.checkpoint
     save = str(run_dir / "checkpoints")
     load = save if c.resume == "auto" else None if c.resume == "none" else str(Path(c.resume).absolute())

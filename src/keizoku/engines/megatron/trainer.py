@@ -51,6 +51,12 @@ def run(cfg: KeizokuConfig) -> int:
         if rank == 0:
             print("\n".join(f"error: {e}" for e in errors), flush=True)
         return EXIT_CONFIG
+    if cfg.megatron.sequence_parallel and cfg.megatron.transformer_impl == "local" and not _has_apex():
+        # the local layer spec's norm is then torch's, which asserts sequence_parallel is off
+        # (megatron/core/transformer/torch_norm.py); with Apex it is FusedLayerNorm, which supports it
+        raise MegatronTrainingError("megatron.sequence_parallel: with megatron.transformer_impl: local it needs "
+                                    "Apex (Megatron-Core's FusedLayerNorm), which is not installed; use "
+                                    "transformer_impl: transformer_engine or sequence_parallel: false")
     run_dir = Path(cfg.run_dir).absolute()
     ckpt_dir = run_dir / "checkpoints"
     steps = plan.train_iters(cfg)
@@ -122,6 +128,12 @@ def run(cfg: KeizokuConfig) -> int:
             print(f"keizoku: stopped at step {done} of {steps} after saving; resubmit to continue", flush=True)
         return EXIT_PREEMPTED
     return EXIT_OK
+
+
+def _has_apex() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("apex") is not None
 
 
 def _latest_iteration(ckpt_dir: Path) -> int | None:
