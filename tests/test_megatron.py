@@ -583,6 +583,10 @@ def test_launch_driver_sees_megatron_checkpoints(setup, tmp_path):
     (ckpt / "iter_0000010").mkdir()
     (ckpt / "iter_0000020").mkdir()
     assert completed_checkpoint(str(run)) == (20, str(ckpt / "iter_0000020"))
+    from keizoku.launch.progress import status  # what `keizoku status` shows
+
+    shown = status(run, query_scheduler=False)
+    assert (shown.checkpoint_step, shown.checkpoint) == (20, str(ckpt / "iter_0000020"))
     config = tmp_path / "m.yaml"
     config.write_text("")
     plan = Plan(train_args=[str(config), *overrides(setup, f"run_dir={run}", "train.max_steps=30")], run_dir=str(run))

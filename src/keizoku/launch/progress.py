@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from keizoku.launch.driver import completed_step
+from keizoku.launch.driver import completed_checkpoint
 
 
 def total_steps(cfg) -> int:
@@ -116,8 +116,7 @@ def status(run_dir: Path, query_scheduler: bool = True) -> Status:
         for job_id, (state, detail) in live.items():
             if job_id in jobs and (jobs[job_id].state in ("submitted", "running") or state != "finished"):
                 jobs[job_id].state, jobs[job_id].detail = state, detail or jobs[job_id].detail
-    ckpt_step = completed_step(str(run_dir))
-    ckpt = str(run_dir / "checkpoints" / f"step_{ckpt_step:08d}") if ckpt_step is not None else None
+    ckpt_step, ckpt = completed_checkpoint(str(run_dir)) or (None, None)  # either engine's layout
     total = None
     config = run_dir / "config.yaml"
     if config.exists():
