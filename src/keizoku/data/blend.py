@@ -113,28 +113,41 @@ def build(data: DataConfig, *, seq_length: int, train_samples: int, eval_samples
           fingerprint: str, cache_dir: str | Path):
     """(train dataset, {validation name: dataset}) built by megatron-core."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     tokenizer = MegatronTokenizerShim(eod, vocab_size, fingerprint)
-
-    def config(blend_per_split):
-        return GPTDatasetConfig(
-            random_seed=data.seed, sequence_length=seq_length, blend_per_split=blend_per_split,
-            path_to_cache=str(cache_dir), tokenizer=tokenizer, reset_position_ids=False,
-            reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        )
-
     train_blend = blend_of(resolve(data.blend, "data.blend"), train_samples * seq_length)
-    train, _, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, None, None], lambda: True, config([train_blend, None, None])).build()
+    config = _gpt_config(data, seq_length, tokenizer, cache_dir, [train_blend, None, None])
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, None, None], lambda: True, config).build()
+    return train, build_validation(data, seq_length=seq_length, eval_samples=eval_samples, tokenizer=tokenizer,
+                                   cache_dir=cache_dir)
+
+
+def build_validation(data: DataConfig, *, seq_length: int, eval_samples: int, tokenizer: "MegatronTokenizerShim",
+                     cache_dir: str | Path) -> dict:
+    """{validation name: dataset} of ``data.validation``, ``eval_samples`` samples each (both engines use this, so
+    they evaluate the same samples)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
     validation = {}
     for name, entries in data.validation.items():
         blend = blend_of(resolve(entries, f"data.validation.{name}"), None)
-        _, valid, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, [None, eval_samples, None], lambda: True, config([None, blend, None])).build()
-        validation[name] = valid
-    return train, validation
+        config = _gpt_config(data, seq_length, tokenizer, cache_dir, [None, blend, None])
+        _, validation[name], _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [None, eval_samples, None], lambda: True, config).build()
+    return validation
+
+
+def _gpt_config(data: DataConfig, seq_length: int, tokenizer, cache_dir, blend_per_split):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    return GPTDatasetConfig(
+        random_seed=data.seed, sequence_length=seq_length, blend_per_split=blend_per_split,
+        path_to_cache=str(cache_dir), tokenizer=tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+    )
 
 
 class SampleSampler:

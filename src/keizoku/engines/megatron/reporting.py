@@ -71,25 +71,14 @@ class WalltimeRelay:
 def validation_datasets(cfg: KeizokuConfig, eval_samples: int) -> dict[str, Any]:
     """{name: GPTDataset} of ``data.validation``, built as ``keizoku.data.blend.build`` builds them for the torch
     engine (same config, same cache), so both engines evaluate the same samples."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     from keizoku.data import blend
     from keizoku.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_path)
     shim = blend.MegatronTokenizerShim(tok.eos_id, tok.vocab_size, tokenizer_fingerprint(tok))
     cache = str(Path(cfg.data.cache_dir or Path(cfg.run_dir) / "data-cache").absolute())
-    out = {}
-    for name, entries in cfg.data.validation.items():
-        prefixes = blend.blend_of(blend.resolve(entries, f"data.validation.{name}"), None)
-        config = GPTDatasetConfig(
-            random_seed=cfg.data.seed, sequence_length=cfg.data.seq_length, blend_per_split=[None, prefixes, None],
-            path_to_cache=cache, tokenizer=shim, reset_position_ids=False, reset_attention_mask=False,
-            eod_mask_loss=False, create_attention_mask=False)
-        _, out[name], _ = BlendedMegatronDatasetBuilder(GPTDataset, [None, eval_samples, None], lambda: True,
-                                                        config).build()
-    return out
+    return blend.build_validation(cfg.data, seq_length=cfg.data.seq_length, eval_samples=eval_samples,
+                                  tokenizer=shim, cache_dir=cache)
 
 
 def validation_batches(dataset, eval_samples: int, micro_batch: int, dp_rank: int, dp_size: int):
