@@ -327,17 +327,12 @@ def prepare() -> None:
 
 
 def main() -> None:
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    RESULTS["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    RESULTS["torch"] = torch.__version__
+    prepare()
     from keizoku.engines.megatron import versions
     from keizoku.engines.megatron.importer import cache_dir, fingerprint
 
     found = versions.detect()
     RESULTS["megatron"] = str(found)
-    make_model(WORK / "hf")
 
     # 1. import (into the cache path a run looks for), then the imported model's logits against HF
     target = cache_dir(WORK / "imports", fingerprint(WORK / "hf"), found.release)
