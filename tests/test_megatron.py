@@ -130,6 +130,8 @@ P_RELEASES = sorted(FIELDS)
     (["megatron.precision=fp8"], "megatron.precision: fp8 needs megatron.transformer_impl: transformer_engine"),
     (["megatron.distributed_optimizer=false"], "megatron.overlap_param_gather: needs megatron.distributed_optimizer"),
     (["model.compile=true"], "model.compile: not available with engine: megatron"),
+    (["optim.state_dtype=bf16", "megatron.distributed_optimizer=false", "megatron.overlap_param_gather=false"],
+     "optim.state_dtype: bf16 needs megatron.distributed_optimizer: true"),
     (["train.device=cpu"], "train.device: cpu — engine: megatron runs on CUDA GPUs only"),
     (["parallel.backend=gloo"], "parallel.backend: gloo — engine: megatron needs nccl"),
     (["train.on_nan=skip"], "train.on_nan: skip is not available with engine: megatron"),
@@ -304,6 +306,21 @@ def test_fp32_and_max_tokens(bridge, setup, monkeypatch):
     assert not c.optimizer.use_distributed_optimizer and not c.ddp.use_distributed_optimizer
     assert evaluation(c).eval_interval == 21  # eval.interval 0: none during training
     assert c.checkpoint.load == c.checkpoint.save and not c.checkpoint.exit_on_missing_checkpoint
+
+
+def test_bf16_optimizer_state_is_megatrons_precision_aware_optimizer(bridge, setup, monkeypatch):
+    from keizoku.engines.megatron.trainer import missing_packages
+
+    cfg = load(None, overrides(setup, "optim.state_dtype=bf16"))
+    o = make_plan(cfg, bridge.release)["optimizer"]
+    assert o["use_precision_aware_optimizer"] and o["use_distributed_optimizer"]
+    assert o["exp_avg_dtype"] == o["exp_avg_sq_dtype"] == "DTYPE:bfloat16"
+    if importlib.util.find_spec("transformer_engine") is None:  # as on the CI machine: refused before Bridge starts
+        assert "optim.state_dtype: bf16 with engine: megatron needs Transformer Engine" in missing_packages(cfg)
+    else:
+        assert missing_packages(cfg) is None
+        c = build(setup, cfg, world_size=1, monkeypatch=monkeypatch)
+        assert c.optimizer.exp_avg_dtype == c.optimizer.exp_avg_sq_dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("recipe, preset", list(P.FP8_PRESETS.items()))

@@ -218,6 +218,28 @@ def test_compile_recompute_and_fp8_train_like_eager(setup, tmp_path):
     assert (tmp_path / "fp8-hf/model.safetensors").is_file()
 
 
+def test_bf16_optimizer_state_resumes_exactly_and_converts(setup, tmp_path):
+    """optim.state_dtype: bf16 through the real train path: the checkpoint holds bf16 moments; resuming from it gives
+    the uninterrupted run's weights exactly (the stochastic rounding's RNG is part of the checkpoint); a run may
+    resume it with fp32 moments (DCP converts) and then trains within bf16 rounding of it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    common = dict(train__max_steps=10, checkpoint__interval=5, eval__interval=0)
+    keizoku("train", config(setup, tmp_path / "whole", **common), "eval.at_start=false", "optim.state_dtype=bf16")
+    at5 = tmp_path / "whole/checkpoints/step_00000005"
+    saved = FileSystemReader(str(at5)).read_metadata().state_dict_metadata
+    moments = [m.properties.dtype for k, m in saved.items() if k.startswith("optim.state.") and "exp_avg" in k]
+    assert moments and set(moments) == {torch.bfloat16}
+    for name, dtype in (("resumed", "bf16"), ("fp32", "fp32")):
+        keizoku("train", config(setup, tmp_path / name, **common), "eval.at_start=false", f"optim.state_dtype={dtype}",
+                f"checkpoint.resume={at5}")
+    whole, resumed, fp32 = (final_weights(tmp_path / n, 10) for n in ("whole", "resumed", "fp32"))
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)
+    losses = {n: [r["loss"] for r in metrics(tmp_path / n, "train")][-5:] for n in ("whole", "fp32")}
+    assert losses["fp32"] == pytest.approx(losses["whole"], rel=1e-2) and losses["fp32"] != losses["whole"]
+
+
 def test_chunked_loss_trains_like_full_logits(setup, tmp_path):
     """train.loss_chunk_tokens (chunks smaller than a micro batch; the CUDA default is 2048) against 0 (the model's own logits):
     the same losses and evaluation, through the real train path (FSDP2 root = the loss wrapper)."""

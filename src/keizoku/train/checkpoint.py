@@ -57,15 +57,20 @@ def save(root: Path, step: int, model, optimizer, state: dict, keep_last: int) -
 
 
 def load(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG; returns the trainer state."""
+    """Restore model and optimizer; returns the trainer state. The RNG is restored apart (``restore_rng``), right
+    before the next step: building the data loader draws from it in between."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def restore_rng(path: Path) -> None:
+    """This rank's RNG as it was when the checkpoint was saved."""
     rng = path / f"rng_rank{dist.get_rank()}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
 
 
 def _rng_state() -> dict:

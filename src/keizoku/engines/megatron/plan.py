@@ -120,6 +120,9 @@ def plan(cfg: KeizokuConfig, *, release: str, world_size: int, train_blend: Blen
         "clip_grad": o.grad_clip,  # 0: no clipping, as in keizoku
         "use_distributed_optimizer": mg.distributed_optimizer,
     }
+    if o.state_dtype == "bf16":  # Megatron's precision-aware optimizer (TE's FusedAdam) keeps the moments in bf16
+        out["optimizer"].update(use_precision_aware_optimizer=True, exp_avg_dtype="DTYPE:bfloat16",
+                                exp_avg_sq_dtype="DTYPE:bfloat16")
     if fp32:
         out["optimizer"].update(bf16=False, fp16=False, params_dtype="DTYPE:float32")
     out["ddp"] = {

@@ -51,12 +51,9 @@ def run(cfg: KeizokuConfig) -> int:
         if rank == 0:
             print("\n".join(f"error: {e}" for e in errors), flush=True)
         return EXIT_CONFIG
-    if cfg.megatron.sequence_parallel and cfg.megatron.transformer_impl == "local" and not _has_apex():
-        # the local layer spec's norm is then torch's, which asserts sequence_parallel is off
-        # (megatron/core/transformer/torch_norm.py); with Apex it is FusedLayerNorm, which supports it
-        raise MegatronTrainingError("megatron.sequence_parallel: with megatron.transformer_impl: local it needs "
-                                    "Apex (Megatron-Core's FusedLayerNorm), which is not installed; use "
-                                    "transformer_impl: transformer_engine or sequence_parallel: false")
+    missing = missing_packages(cfg)
+    if missing:
+        raise MegatronTrainingError(missing)
     run_dir = Path(cfg.run_dir).absolute()
     ckpt_dir = run_dir / "checkpoints"
     steps = plan.train_iters(cfg)
@@ -130,10 +127,23 @@ def run(cfg: KeizokuConfig) -> int:
     return EXIT_OK
 
 
-def _has_apex() -> bool:
+def missing_packages(cfg: KeizokuConfig) -> str | None:
+    """What this configuration needs beyond Megatron-Core and is not installed here (None: nothing)."""
     import importlib.util
 
-    return importlib.util.find_spec("apex") is not None
+    if cfg.megatron.sequence_parallel and cfg.megatron.transformer_impl == "local" and \
+            importlib.util.find_spec("apex") is None:
+        # the local layer spec's norm is then torch's, which asserts sequence_parallel is off
+        # (megatron/core/transformer/torch_norm.py); with Apex it is FusedLayerNorm, which supports it
+        return ("megatron.sequence_parallel: with megatron.transformer_impl: local it needs Apex (Megatron-Core's "
+                "FusedLayerNorm), which is not installed; use transformer_impl: transformer_engine or "
+                "sequence_parallel: false")
+    if cfg.optim.state_dtype == "bf16" and importlib.util.find_spec("transformer_engine") is None:
+        # Megatron-Core's own check fails with a TypeError when TE is absent (megatron/core/utils.py)
+        return ("optim.state_dtype: bf16 with engine: megatron needs Transformer Engine (its FusedAdam keeps the "
+                "moments in bf16), which is not installed; run inside the NeMo container or use optim.state_dtype: "
+                "fp32")
+    return None
 
 
 def _latest_iteration(ckpt_dir: Path) -> int | None:

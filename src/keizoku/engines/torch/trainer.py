@@ -229,6 +229,8 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     loader = _loader(train_ds, blend.SampleSampler(total_samples, consumed, t.micro_batch_size, d.rank, d.world),
                      cfg.data.num_workers, cuda)
     batches = iter(loader)
+    if resume is not None:  # after the loader's seed draw: the next step sees the uninterrupted run's RNG
+        checkpoint.restore_rng(resume)
     tokens_per_step = t.global_batch_size * seq
     while step < steps:
         start = time.perf_counter()

@@ -1,0 +1,59 @@
+"""AdamW with bf16 moments (optim.state_dtype: bf16) against torch.optim.AdamW, and its stochastic rounding."""
+
+from __future__ import annotations
+
+import torch
+
+from keizoku.train.optim import AdamWLowPrecisionState, _round
+
+
+def _train(optimizer_class, steps: int = 10, **kw) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+    opt = optimizer_class([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}],
+                          lr=1e-2, betas=(0.9, 0.95), eps=1e-8, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return params, opt
+
+
+def test_update_is_torch_adamw():
+    """With fp32 moments the update is torch.optim.AdamW's (decoupled decay, bias correction), to rounding."""
+    reference, _ = _train(torch.optim.AdamW)
+    ours, opt = _train(AdamWLowPrecisionState, state_dtype=torch.float32)
+    for a, b in zip(reference, ours):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert set(opt.state[ours[0]]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's state keys: checkpoints interchange
+
+
+def test_bf16_moments_stay_close_to_fp32():
+    reference, _ = _train(torch.optim.AdamW)
+    ours, opt = _train(AdamWLowPrecisionState)
+    assert opt.state[ours[0]]["exp_avg"].dtype == opt.state[ours[0]]["exp_avg_sq"].dtype == torch.bfloat16
+    assert ours[0].dtype == torch.float32  # master weights stay fp32
+    moved = (reference[0] - torch.randn(64, 32, generator=torch.Generator().manual_seed(0))).abs().max()
+    for a, b in zip(reference, ours):
+        assert (a - b).abs().max() < 0.01 * moved  # 10 steps of lr 1e-2 move weights ~0.1; bf16 moments ~1e-3 of it
+        assert not torch.equal(a, b)
+
+
+def test_stochastic_rounding_is_unbiased():
+    x = torch.full((200_000,), 1 + 2 ** -10)  # a quarter of the way from bf16's 1 to its next value, 1 + 2^-7
+    assert x.to(torch.bfloat16).float().mean() == 1  # round-to-nearest loses the increment every time
+    rounded = _round(x, torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16 and set(rounded.float().unique().tolist()) == {1.0, 1 + 2 ** -7}
+    assert abs(rounded.float().mean().item() - (1 + 2 ** -10)) < 2e-5
+
+
+def test_second_moment_tracks_gradients_with_beta2_near_one():
+    """β2 = 0.999 adds 0.1% a step, below bf16's resolution: the bf16 second moment must still converge."""
+    p = torch.nn.Parameter(torch.zeros(10_000))
+    opt = AdamWLowPrecisionState([p], lr=0.0, betas=(0.9, 0.999))
+    for _ in range(2000):
+        p.grad = torch.ones(10_000)
+        opt.step()
+    expected = 1 - 0.999 ** 2000  # the fp32 EMA of g² = 1 from 0: 0.8648
+    assert abs(opt.state[p]["exp_avg_sq"].float().mean().item() - expected) < 2e-3
