@@ -130,6 +130,8 @@ P_RELEASES = sorted(FIELDS)
     (["megatron.precision=fp8"], "megatron.precision: fp8 needs megatron.transformer_impl: transformer_engine"),
     (["megatron.distributed_optimizer=false"], "megatron.overlap_param_gather: needs megatron.distributed_optimizer"),
     (["model.compile=true"], "model.compile: not available with engine: megatron"),
+    (["model.activation_checkpointing=selective", "model.full_recompute_layers=2"],
+     "model.full_recompute_layers: with activation_checkpointing: selective is engine: torch only"),
     (["optim.state_dtype=bf16", "megatron.distributed_optimizer=false", "megatron.overlap_param_gather=false"],
      "optim.state_dtype: bf16 needs megatron.distributed_optimizer: true"),
     (["train.device=cpu"], "train.device: cpu — engine: megatron runs on CUDA GPUs only"),
@@ -306,6 +308,12 @@ def test_fp32_and_max_tokens(bridge, setup, monkeypatch):
     assert not c.optimizer.use_distributed_optimizer and not c.ddp.use_distributed_optimizer
     assert evaluation(c).eval_interval == 21  # eval.interval 0: none during training
     assert c.checkpoint.load == c.checkpoint.save and not c.checkpoint.exit_on_missing_checkpoint
+
+
+def test_full_recompute_layers_is_megatrons_block_recompute(bridge, setup):
+    model = make_plan(load(None, overrides(setup, "model.full_recompute_layers=3")), bridge.release)["model"]
+    assert (model["recompute_granularity"], model["recompute_method"], model["recompute_num_layers"]) == \
+        ("full", "block", 3)
 
 
 def test_bf16_optimizer_state_is_megatrons_precision_aware_optimizer(bridge, setup, monkeypatch):

@@ -57,3 +57,26 @@ def test_second_moment_tracks_gradients_with_beta2_near_one():
         opt.step()
     expected = 1 - 0.999 ** 2000  # the fp32 EMA of g² = 1 from 0: 0.8648
     assert abs(opt.state[p]["exp_avg_sq"].float().mean().item() - expected) < 2e-3
+
+
+def test_fp8_all_gather_weights_are_updated_through_their_data():
+    """FSDP2 with FP8 all-gather wraps each weight in torchao's WeightWithDynamicFloat8CastTensor: the update goes to
+    the wrapped data (a plain tensor, as the compiled kernel needs) and equals the update of an unwrapped weight."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    from keizoku.train.optim import _local
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(32, 32, bias=False)
+    wrapped = torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False))
+    wrapped[0].weight.data.copy_(plain.weight.data)
+    convert_to_float8_training(wrapped, config=Float8LinearConfig(enable_fsdp_float8_all_gather=True))
+    weight = wrapped[0].weight
+    assert type(weight).__name__ == "WeightWithDynamicFloat8CastTensor" and type(_local(weight)) is torch.Tensor
+    for model in (plain, wrapped):
+        opt = AdamWLowPrecisionState(model.parameters(), lr=1e-2, state_dtype=torch.float32)
+        for i in range(3):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.1 * (i + 1))
+            opt.step()
+    torch.testing.assert_close(_local(weight), plain.weight.data, rtol=0, atol=1e-6)

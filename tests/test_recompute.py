@@ -59,3 +59,10 @@ def test_modes_recompute_what_they_say():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="none, selective, full"):
         recompute.wrap(torch.nn.Linear(2, 2), "some")
+
+
+def test_full_recompute_layers_dial_between_modes():
+    assert recompute.layer_modes(4, "selective", 1) == ["full", "selective", "selective", "selective"]
+    assert recompute.layer_modes(3, "none", 3) == ["full"] * 3 and recompute.layer_modes(2, "none") == ["none"] * 2
+    with pytest.raises(ValueError, match="model.full_recompute_layers: 5 is more than the model's 4 layers"):
+        recompute.layer_modes(4, "selective", 5)

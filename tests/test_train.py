@@ -206,9 +206,9 @@ def test_compile_recompute_and_fp8_train_like_eager(setup, tmp_path):
     common = dict(train__max_steps=3, checkpoint__interval=0, eval__interval=0)
     keizoku("train", config(setup, tmp_path / "eager", **common), "eval.at_start=false")
     eager = [r["loss"] for r in metrics(tmp_path / "eager", "train")]
-    for name, mode, compile in (("full", "full", "true"), ("selective", "selective", "false")):
+    for name, mode, compile, full_layers in (("full", "full", "true", 0), ("selective", "selective", "false", 1)):
         keizoku("train", config(setup, tmp_path / name, **common), "eval.at_start=false", f"model.compile={compile}",
-                f"model.activation_checkpointing={mode}")
+                f"model.activation_checkpointing={mode}", f"model.full_recompute_layers={full_layers}")
         assert [r["loss"] for r in metrics(tmp_path / name, "train")] == pytest.approx(eager, rel=1e-4), name
     proc = keizoku("train", config(setup, tmp_path / "fp8", **common), "eval.at_start=false", "model.fp8=tensorwise")
     assert "model.fp8: tensorwise: 14 linear layers compute in FP8" in proc.stdout  # 2 layers x q, k, v, o, gate, up, down

@@ -71,7 +71,9 @@ def summary(name: str, a, step_times: list[float], memory_gib: float) -> dict:
     return {"variant": name, "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "gpus": a.world, "shape": a.shape, "seq": a.seq, "micro": a.micro, "global_batch": a.global_batch,
             "steps_timed": len(step_times), "median_step_s": med, "tokens_s_gpu": tps,
-            "mfu": tps * flops_per_token(a.shape, a.seq) / PEAK, "peak_mem_gib": memory_gib}
+            "mfu": tps * flops_per_token(a.shape, a.seq) / PEAK, "peak_mem_gib": memory_gib,
+            # the allocator had to free its cache and retry (memory at the card's limit / the --mem-cap-gib cap)
+            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0}
 
 
 # --- keizoku: the real train path --------------------------------------------------------------------------

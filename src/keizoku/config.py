@@ -41,6 +41,11 @@ class ModelConfig:
         "none", "Recompute activations in the backward pass to save memory. none: keep all; selective: keep the "
                 "matmul and attention outputs, recompute the cheap elementwise work (norms, RoPE, SiLU; engine: "
                 "megatron: its selective recompute of core attention); full: keep only each decoder layer's input.")
+    full_recompute_layers: int = _f(0, "The first N decoder layers recompute fully (keep only their input); the "
+                                       "others use activation_checkpointing (none or selective). The dial between "
+                                       "the modes for fitting a card: each such layer trades its kept activations "
+                                       "for one more forward of the layer. engine: megatron: with none only "
+                                       "(recompute_method: block).")
     fp8: Literal["none", "tensorwise", "rowwise"] = _f(
         "none", "engine: torch — FP8 matmuls in the decoder layers' linear layers (torchao float8 training; "
                 "Hopper or newer; fp32 master weights and the bf16 output layer are unchanged). tensorwise: one "
@@ -265,6 +270,11 @@ def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
             and cfg.parallel.data_parallel_size != world_size:
         err.append(f"parallel.data_parallel_size: {cfg.parallel.data_parallel_size} differs from the world size "
                    f"{world_size} (the torch engine is data-parallel only)")
+    if m.full_recompute_layers < 0:
+        err.append(f"model.full_recompute_layers: must be >= 0, not {m.full_recompute_layers}")
+    if m.full_recompute_layers > 0 and m.activation_checkpointing == "full":
+        err.append("model.full_recompute_layers: every layer already recomputes fully with "
+                   "model.activation_checkpointing: full (use none or selective for the other layers)")
     if t.loss_chunk_tokens is not None and t.loss_chunk_tokens < 0:
         err.append(f"train.loss_chunk_tokens: must be >= 0 (0: no chunking), not {t.loss_chunk_tokens}")
     if not o.lr > 0:
@@ -325,6 +335,9 @@ def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
     if mg.overlap_param_gather and not mg.distributed_optimizer:
         err.append("megatron.overlap_param_gather: needs megatron.distributed_optimizer: true (set "
                    "overlap_param_gather: false without it)")
+    if cfg.model.full_recompute_layers and cfg.model.activation_checkpointing == "selective":
+        err.append("model.full_recompute_layers: with activation_checkpointing: selective is engine: torch only "
+                   "(Megatron recomputes either selectively or whole layers)")
     if cfg.optim.state_dtype == "bf16" and not mg.distributed_optimizer:
         err.append("optim.state_dtype: bf16 needs megatron.distributed_optimizer: true (Megatron's precision-aware "
                    "optimizer works on the distributed optimizer's shards)")

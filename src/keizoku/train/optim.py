@@ -78,8 +78,9 @@ class AdamWLowPrecisionState(torch.optim.AdamW):
                     coefficients[key] = torch.tensor(
                         [1 - lr * wd, 1 - beta1, beta2, 1 - beta2, 1 / math.sqrt(c2), eps, lr / c1],
                         dtype=torch.float32).to(param.device, non_blocking=True)
-                self._update(param, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                             coefficients[key])
+                tensors = (param, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]))
+                plain = all(type(t) is torch.Tensor for t in tensors)  # else eager: subclasses dispatch the ops
+                (self._update if plain else _adamw_update)(*tensors, coefficients[key])
         return loss
 
 
@@ -92,8 +93,16 @@ class AdamWLowPrecisionState(torch.optim.AdamW):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """The shard this rank holds (FSDP2 parameters, gradients and states are DTensors): updates are elementwise."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    """The plain tensor holding this rank's values: the local shard of a DTensor (FSDP2 parameters, gradients and
+    states; updates are elementwise), and the data of a wrapper subclass such as torchao's FP8 all-gather weight
+    (its one inner tensor of the outer shape; in-place updates of it are updates of the weight)."""
+    t = (t.to_local() if isinstance(t, DTensor) else t).detach()  # detach: a Parameter → a plain tensor, same storage
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        inner = [getattr(t, name) for name in t.__tensor_flatten__()[0]]
+        same = [x for x in inner if x.shape == t.shape]
+        if len(same) == 1:
+            return _local(same[0])
+    return t
 
 
 def _adamw_update(param, grad, exp_avg, exp_avg_sq, k):

@@ -89,6 +89,9 @@ def plan(cfg: KeizokuConfig, *, release: str, world_size: int, train_blend: Blen
         model.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif cfg.model.activation_checkpointing == "selective":  # Megatron's own selective: core attention
         model.update(recompute_granularity="selective")
+    elif cfg.model.full_recompute_layers:  # the first N layers (of each pipeline stage) recompute, the rest keep all
+        model.update(recompute_granularity="full", recompute_method="block",
+                     recompute_num_layers=cfg.model.full_recompute_layers)
     fp32 = cfg.model.dtype == "fp32"
     if fp32:
         model.update(bf16=False, fp16=False, params_dtype="DTYPE:float32", pipeline_dtype="DTYPE:float32",

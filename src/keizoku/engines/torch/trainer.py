@@ -232,6 +232,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     if resume is not None:  # after the loader's seed draw: the next step sees the uninterrupted run's RNG
         checkpoint.restore_rng(resume)
     tokens_per_step = t.global_batch_size * seq
+    warned_retries = False
     while step < steps:
         start = time.perf_counter()
         data_time = 0.0
@@ -272,6 +273,14 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
                       "step_s": elapsed, "data_share": data_time / elapsed, "tokens": tokens_seen}
             if cuda:
                 values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                # each retry frees the allocator's cache and synchronises: a run at the card's limit slows down
+                values["memory_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+                if values["memory_retries"] and not warned_retries and d.rank == 0:
+                    warned_retries = True
+                    print(f"keizoku: step {step}: the CUDA allocator ran out of cached memory and had to free and "
+                          "retry (memory_retries in the metrics); steps slow down at the card's limit: recompute "
+                          "more (model.full_recompute_layers, model.activation_checkpointing) or use "
+                          "optim.state_dtype: bf16", flush=True)
             if peak:
                 values["mfu"] = flops_token * tokens_per_step / elapsed / d.world / peak
             metrics.log("train", step, values)
@@ -322,8 +331,12 @@ def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, com
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if bf16 and d.device.type == "cuda" else MixedPrecisionPolicy()
     layers = _decoder_layers(model.lm)
-    for i, layer in enumerate(layers):
-        layer = layers[i] = recompute.wrap(layer, cfg.model.activation_checkpointing)
+    try:
+        modes = recompute.layer_modes(len(layers), cfg.model.activation_checkpointing, cfg.model.full_recompute_layers)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    for i, (layer, mode) in enumerate(zip(layers, modes)):
+        layer = layers[i] = recompute.wrap(layer, mode)
         if compile:
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
