@@ -78,6 +78,35 @@ def summary(name: str, a, step_times: list[float], memory_gib: float) -> dict:
 
 # --- keizoku: the real train path --------------------------------------------------------------------------
 
+def keizoku_config(run_dir: Path, model_dir: Path, data: Path, seq: int, micro: int, global_batch: int,
+                   steps: int) -> dict:
+    """The bench's `keizoku train` config: random init, the ja/en sample blend (0.9/0.1), logging every step,
+    no checkpoints, no eval (also used by loss_curve.py)."""
+    return {
+        "run_dir": str(run_dir),
+        "model": {"hf_path": str(model_dir), "init": "random"},
+        "data": {"blend": [{"path": str(data / "ja_sample_text_document"), "weight": 0.9},
+                           {"path": str(data / "en_sample_text_document"), "weight": 0.1}],
+                 "seq_length": seq, "num_workers": 2},
+        "train": {"global_batch_size": global_batch, "micro_batch_size": micro, "max_steps": steps},
+        "checkpoint": {"interval": 0, "save_at_end": False},
+        "eval": {"interval": 0, "at_start": False},
+        "logging": {"interval": 1, "tensorboard": False},
+    }
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def write_model_dir(model_dir: Path, shape: str, seq: int, tokenizer: Path = ROOT / "src/keizoku/assets/tokenizer"):
+    """A Hugging Face model directory for ``init: random``: the shape's LlamaConfig and the tokenizer's files."""
+    llama_config(shape, seq).save_pretrained(model_dir)
+    for f in TOKENIZER_FILES:
+        if (tokenizer / f).is_file():
+            (model_dir / f).write_bytes((tokenizer / f).read_bytes())
+
+
 def run_keizoku(a, overrides: list[str]) -> list[dict]:
     import yaml
 
@@ -85,22 +114,9 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
     from keizoku.engines import run
 
     work = Path(a.workdir)  # one per variant, the same for all its ranks
-    data = Path(a.data)
-    cfg = {
-        "run_dir": str(work / "run"),
-        "model": {"hf_path": str(work / "model"), "init": "random"},
-        "data": {"blend": [{"path": str(data / "ja_sample_text_document"), "weight": 0.9},
-                           {"path": str(data / "en_sample_text_document"), "weight": 0.1}],
-                 "seq_length": a.seq, "num_workers": 2},
-        "train": {"global_batch_size": a.global_batch, "micro_batch_size": a.micro, "max_steps": a.steps},
-        "checkpoint": {"interval": 0, "save_at_end": False},
-        "eval": {"interval": 0, "at_start": False},
-        "logging": {"interval": 1, "tensorboard": False},
-    }
+    cfg = keizoku_config(work / "run", work / "model", Path(a.data), a.seq, a.micro, a.global_batch, a.steps)
     if not rank():
-        llama_config(a.shape, a.seq).save_pretrained(work / "model")
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            (work / "model" / f).write_bytes((ROOT / "src/keizoku/assets/tokenizer" / f).read_bytes())
+        write_model_dir(work / "model", a.shape, a.seq)
         (work / "cfg.tmp").write_text(yaml.safe_dump(cfg))
         (work / "cfg.tmp").rename(work / "cfg.yaml")
     while not (work / "cfg.yaml").exists():
