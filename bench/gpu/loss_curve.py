@@ -145,7 +145,10 @@ def launch(spec: RunSpec, devices: list[str] | None, a, out: Path, model_dir: Pa
     (here / "status.tmp").write_text(json.dumps(status))
     (here / "status.tmp").rename(here / "status.json")
     if code:
-        tail = (here / "train.log").read_text(errors="replace").splitlines()[-40:]
+        lines = (here / "train.log").read_text(errors="replace").splitlines()
+        # under torchrun the cause comes before the agent's own "failed (exitcode ...)" report and traceback
+        end = next((i for i, line in enumerate(lines) if "failed (exitcode" in line), len(lines))
+        tail = lines[max(0, end - 40):end]
         print(f"--- {spec.name} FAILED (exit {code}); last lines of {here / 'train.log'}:\n" + "\n".join(tail),
               flush=True)
     else:
