@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ROOT, SHAPES, keizoku_config, write_model_dir  # noqa: E402
+from bench_train import ROOT, SHAPES, keizoku_config, write_model_dir
 
 TIMING_SKIP_STEPS = 5  # compile and allocator warm-up: left out of the tokens/s median
+DELTA = ".2g"  # loss differences: two significant digits, whether 0.031 or 2.5e-06
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
@@ -66,7 +67,7 @@ def parse_run(text: str) -> RunSpec:
 # --- inputs ------------------------------------------------------------------------------------------------
 
 def check_inputs(a) -> None:
-    """Fail before any training: missing datasets, a tokenizer that is not the data's, ids beyond the shape's vocabulary."""
+    """Fail before any training: missing datasets, a tokenizer not the data's, ids beyond the shape's vocabulary."""
     from keizoku.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     data, tokenizer = Path(a.data), Path(a.tokenizer)
@@ -140,7 +141,7 @@ def launch(spec: RunSpec, devices: list[str] | None, a, out: Path, model_dir: Pa
           f"{'GPU ' + ','.join(devices) if devices else 'the CPU'}", flush=True)
     t0 = time.perf_counter()
     with open(here / "train.log", "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False).returncode
     status = {"exit": code, "wall_s": round(time.perf_counter() - t0, 1), "devices": devices, "command": cmd}
     (here / "status.tmp").write_text(json.dumps(status))
     (here / "status.tmp").rename(here / "status.json")
@@ -337,26 +338,26 @@ def report(out: Path, plan: dict) -> dict:
 
 def print_verdicts(result: dict) -> None:
     s, steps = result["summary"], result["args"]["steps"]
-    print(f"\nsmoothed train loss (mean of the last {s['smooth_window']} steps); Δ against {s['reference']} over steps "
-          f"{s['from_step']}–{steps}; noise = {s['noise_run'] or '(none)'}")
+    print(f"\nsmoothed train loss (mean of the last {s['smooth_window']} steps); Δ against {s['reference']} over "
+          f"steps {s['from_step']}–{steps}; noise = {s['noise_run'] or '(none)'}")
     print(f"{'run':14} {'state':10} {'steps':>7} {'tok/s/GPU':>10} {'final':>7} {'mean|Δ|':>8} {'max|Δ|':>8} "
           f"{'mean Δ':>8} {'×noise':>7}  verdict")
     for r in result["runs"]:
         row = s["runs"][r["name"]]
 
-        def num(key, fmt):
-            return format(row[key], fmt) if row.get(key) is not None else "-"
+        def num(key, fmt, row=row):
+            return "-" if row.get(key) is None else format(row[key], fmt)
 
         tps = f"{r['tokens_s_per_gpu']:,.0f}" if r["tokens_s_per_gpu"] else "-"
         print(f"{r['name']:14} {r['state']:10} {r['steps_done']:>7} {tps:>10} {num('final_smoothed_loss', '.4f'):>7} "
-              f"{num('mean_abs_delta', '.4f'):>8} {num('max_abs_delta', '.4f'):>8} {num('mean_delta', '+.4f'):>8} "
+              f"{num('mean_abs_delta', DELTA):>8} {num('max_abs_delta', DELTA):>8} {num('mean_delta', '+' + DELTA):>8} "
               f"{num('ratio_to_noise', '.2f'):>7}  {row['verdict']}")
     for r in result["runs"]:
         row = s["runs"][r["name"]]
         if "noise_mean_abs_delta" in row:
-            print(f"  {r['name']}: {row['verdict']} — mean |Δ| {row['mean_abs_delta']:.4f} vs noise "
-                  f"{row['noise_mean_abs_delta']:.4f}; max |Δ| {row['max_abs_delta']:.4f} vs noise "
-                  f"{row['noise_max_abs_delta']:.4f}; mean Δ {row['mean_delta']:+.4f} (> 0: higher loss than "
+            print(f"  {r['name']}: {row['verdict']} — mean |Δ| {row['mean_abs_delta']:{DELTA}} vs noise "
+                  f"{row['noise_mean_abs_delta']:{DELTA}}; max |Δ| {row['max_abs_delta']:{DELTA}} vs noise "
+                  f"{row['noise_max_abs_delta']:{DELTA}}; mean Δ {row['mean_delta']:+{DELTA}} (> 0: higher loss than "
                   f"{s['reference']})")
 
 
@@ -368,7 +369,7 @@ def setup_info() -> dict:
     card = "cpu"
     if shutil.which("nvidia-smi"):
         names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True).stdout.split("\n")
+                               text=True, check=False).stdout.split("\n")
         card = names[0].strip() or card
     return {"card": card, "torch": torch.__version__, "python": sys.version.split()[0],
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
