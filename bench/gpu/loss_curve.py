@@ -210,7 +210,7 @@ def collect(out: Path, plan: dict) -> dict:
         status = json.loads(status_file.read_text()) if status_file.is_file() else None
         timed = [r["tokens_per_s_per_device"] for r in train[TIMING_SKIP_STEPS:]] or \
             [r["tokens_per_s_per_device"] for r in train]
-        state = "pending" if status is None and not train else "running" if status is None else \
+        state = "pending" if status is None and not train else "unfinished" if status is None else \
             "failed" if status["exit"] else "ok" if len(train) == steps else "incomplete"
         runs.append({"name": spec.name, "overrides": spec.overrides, "state": state,
                      "exit": status and status["exit"], "wall_s": status and status["wall_s"],
