@@ -340,10 +340,6 @@ def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, com
         if compile:
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
-    embedding, output = model.lm.get_input_embeddings(), model.lm.get_output_embeddings()
-    if output is None or embedding.weight is not output.weight:
-        # its own unit: the gathered input embedding (1 GiB for Llama-3.1-8B) is not held from forward to backward
-        fully_shard(embedding, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
 
 
