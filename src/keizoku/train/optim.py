@@ -83,7 +83,6 @@ class AdamWLowPrecisionState(torch.optim.AdamW):
                 (self._update if plain else _adamw_update)(*tensors, coefficients[key])
         return loss
 
-
     @staticmethod
     def _cast_moments(optimizer: "AdamWLowPrecisionState") -> None:
         for state in optimizer.state.values():
