@@ -39,6 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import ROOT, SHAPES, keizoku_config, write_model_dir
 
+from keizoku.launch.progress import read_jsonl
+
 TIMING_SKIP_STEPS = 5  # compile and allocator warm-up: left out of the tokens/s median
 DELTA = ".2g"  # loss differences: two significant digits, whether 0.031 or 2.5e-06
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -158,16 +160,7 @@ def launch(spec: RunSpec, devices: list[str] | None, a, out: Path, model_dir: Pa
 
 
 def train_records(out: Path, name: str) -> list[dict]:
-    path = run_dir(out, name) / "run/metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line of a run killed while writing it
-            continue
-    return [r for r in records if r.get("kind") == "train"]
+    return [r for r in read_jsonl(run_dir(out, name) / "run/metrics.jsonl") if r.get("kind") == "train"]
 
 
 def progress(out: Path, specs: list[RunSpec], steps: int, t0: float) -> None:

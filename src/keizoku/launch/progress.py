@@ -63,7 +63,8 @@ class Status:
                 "jobs": [vars(j) for j in self.jobs]}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (none if it is missing), skipping a line a crash cut short."""
     if not path.exists():
         return []
     out = []
@@ -95,7 +96,7 @@ def last_train_record(run_dir: Path) -> Optional[dict]:
 
 def status(run_dir: Path, query_scheduler: bool = True) -> Status:
     run_dir = Path(run_dir)
-    submitted = _read_jsonl(run_dir / "jobs.jsonl")
+    submitted = read_jsonl(run_dir / "jobs.jsonl")
     scheduler = submitted[-1]["scheduler"] if submitted else None
     jobs: dict[str, Job] = {}
     for s in submitted:
