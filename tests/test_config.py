@@ -53,6 +53,7 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     (["train.max_tokens=1000"], "train.max_steps / train.max_tokens: give exactly one"),
     (["optim.min_lr=1.0"], "optim.min_lr: must be between 0 and optim.lr"),
     (["optim.state_dtype=fp16"], "optim.state_dtype: Invalid value 'fp16'"),
+    (["logging.profile_step=-1"], "logging.profile_step: must be >= 0 (0: off), not -1"),
     (["model.activation_checkpointing=full", "model.full_recompute_layers=2"],
      "model.full_recompute_layers: every layer already recomputes fully"),
     (["schedule.warmup_steps=20"], "schedule.warmup_steps: 20 is more than train.max_steps (10)"),

@@ -130,6 +130,7 @@ P_RELEASES = sorted(FIELDS)
     (["megatron.precision=fp8"], "megatron.precision: fp8 needs megatron.transformer_impl: transformer_engine"),
     (["megatron.distributed_optimizer=false"], "megatron.overlap_param_gather: needs megatron.distributed_optimizer"),
     (["model.compile=true"], "model.compile: not available with engine: megatron"),
+    (["logging.profile_step=5"], "logging.profile_step: engine: torch only"),
     (["model.activation_checkpointing=selective", "model.full_recompute_layers=2"],
      "model.full_recompute_layers: with activation_checkpointing: selective is engine: torch only"),
     (["optim.state_dtype=bf16", "megatron.distributed_optimizer=false", "megatron.overlap_param_gather=false"],

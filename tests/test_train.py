@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -164,9 +165,15 @@ def test_two_process_torchrun_matches_one_process(setup, tmp_path):
     keizoku("train", config(setup, one, train__max_steps=6, checkpoint__interval=0))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "keizoku", "train", str(config(setup, two, train__max_steps=6, checkpoint__interval=0))],
-                          capture_output=True, text=True, env=env, timeout=300)
+                           "-m", "keizoku", "train", str(config(setup, two, train__max_steps=6, checkpoint__interval=0)),
+                           "logging.profile_step=3"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):  # the profiled step: each rank's timeline and operator table, and nothing partial
+        trace = json.loads(gzip.decompress((two / f"profile/rank{rank}-step3.trace.json.gz").read_bytes()))
+        assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+        assert "aten::mm" in (two / f"profile/rank{rank}-step3.txt").read_text()
+    assert sorted(p.name for p in (two / "profile").iterdir()) == [
+        "rank0-step3.trace.json.gz", "rank0-step3.txt", "rank1-step3.trace.json.gz", "rank1-step3.txt"]
     a, b = metrics(one, "train"), metrics(two, "train")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
     wa, wb = final_weights(one, 6), final_weights(two, 6)

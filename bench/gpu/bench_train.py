@@ -8,7 +8,7 @@ Variants (each in its own process, one after another, so memory and compile cach
   fsdp       a plain FSDP2 loop, per-layer torch.compile, full fp32 logits + F.cross_entropy, random tokens.
              Options after a colon: ``eager`` (no compile), ``ac`` (activation checkpointing of every layer, what
              8B needs in 80 GB), ``chunked`` (then the same process and model with keizoku's chunked loss).
-             ``--profile``: a torch.profiler summary of one step of each.
+``--profile``: a torch.profiler summary of one step of each variant (keizoku: also its GPU kernel time by category).
 With ``--world N`` > 1 each variant runs under torchrun on N GPUs (FSDP2 over them; HF Trainer with FSDP).
 ``--mem-cap-gib`` caps every variant's GPU memory (an H100's 78 GiB on an H200).
 All share the Llama shape, micro batch, global batch, optimizer (fused AdamW, fp32 master weights, bf16 compute).
@@ -114,6 +114,8 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
     from keizoku.engines import run
 
     work = Path(a.workdir)  # one per variant, the same for all its ranks
+    if a.profile:  # the last step, left out of the median below
+        overrides = [*overrides, f"logging.profile_step={a.steps}"]
     cfg = keizoku_config(work / "run", work / "model", Path(a.data), a.seq, a.micro, a.global_batch, a.steps)
     if not rank():
         write_model_dir(work / "model", a.shape, a.seq)
@@ -127,9 +129,35 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
     if rank():
         return []
     records = [json.loads(x) for x in (work / "run/metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"][a.warmup:]
+    train = [r for r in records if r["kind"] == "train"]
+    train = train[a.warmup:len(train) - (1 if a.profile else 0)]
     name = "keizoku" + ("[" + ",".join(overrides) + "]" if overrides else "")
+    if a.profile and a.out:
+        table = (work / f"run/profile/rank0-step{a.steps}.txt").read_text()
+        categories = kernel_time_by_category(work / f"run/profile/rank0-step{a.steps}.trace.json.gz")
+        Path(a.out, f"profile-{work.name}.txt").write_text(f"{name}\n{categories}\n{table}")
+        print(f"=== profile: {name}, step {a.steps}, rank 0 ===\n{categories}", flush=True)
     return [summary(name, a, [r["step_s"] for r in train], max(r.get("memory_gib", 0.0) for r in train))]
+
+
+KERNEL_CATEGORIES = (("matmul", ("gemm", "nvjet", "xmma", "cutlass")), ("attention", ("flash", "fmha", "sdpa", "attn")),
+                     ("nccl", ("nccl",)), ("compiled (triton)", ("triton",)))
+
+
+def kernel_time_by_category(trace: Path) -> str:
+    """GPU kernel time of a keizoku profile trace, summed by kernel-name category (kernels on the NCCL stream
+    overlap compute, so the categories add up to more than the step)."""
+    import gzip
+
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "kernel":
+            continue
+        name = e["name"].lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        totals[cat] = totals.get(cat, 0.0) + e.get("dur", 0) / 1e3
+    return "\n".join(f"{c:20} {ms:10.1f} ms" for c, ms in sorted(totals.items(), key=lambda x: -x[1]))
 
 
 # --- baselines ---------------------------------------------------------------------------------------------
@@ -275,7 +303,8 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT / ".bench-gpu/data"), help="keizoku-tokenized samples")
     p.add_argument("--variants", nargs="+", default=["keizoku", "hf", "fsdp"],
                    help="keizoku, keizoku:KEY=VALUE[,KEY=VALUE], hf, fsdp, fsdp:eager,ac,chunked")
-    p.add_argument("--profile", action="store_true", help="fsdp: torch.profiler summary of one step per loss")
+    p.add_argument("--profile", action="store_true", help="torch.profiler summary of one step per variant (keizoku: "
+                   "the last step, via logging.profile_step; fsdp: one more step per loss)")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: that variant's scratch directory

@@ -138,6 +138,9 @@ class LoggingConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events to RUN_DIR/tensorboard.")
     wandb: bool = _f(False, "Log to Weights & Biases (needs wandb installed and configured).")
     wandb_project: Optional[str] = _f(None, "W&B project.")
+    profile_step: int = _f(0, "engine: torch — record this step (1-based) with torch.profiler: RUN_DIR/profile/ gets "
+                              "each rank's timeline (.trace.json.gz, for Perfetto) and its operators by device time "
+                              "(.txt). 0: off.")
 
 
 @dataclass
@@ -302,6 +305,8 @@ def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
         err.append(f"eval: interval must be >= 0 and batches >= 1, not {e.interval} and {e.batches}")
     if cfg.logging.interval < 1:
         err.append(f"logging.interval: must be at least 1, not {cfg.logging.interval}")
+    if cfg.logging.profile_step < 0:
+        err.append(f"logging.profile_step: must be >= 0 (0: off), not {cfg.logging.profile_step}")
     return err
 
 
@@ -343,6 +348,8 @@ def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
                    "optimizer works on the distributed optimizer's shards)")
     if cfg.model.fp8 != "none":
         err.append("model.fp8: engine: torch only; with engine: megatron use megatron.precision: fp8")
+    if cfg.logging.profile_step:
+        err.append("logging.profile_step: engine: torch only (Megatron-Bridge has its own ProfilingConfig)")
     if cfg.model.compile:
         err.append("model.compile: not available with engine: megatron (Megatron-Core uses its own fused kernels)")
     if cfg.train.device == "cpu":

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from keizoku.config import KeizokuConfig, save_resolved, validate
 from keizoku.data import blend
-from keizoku.engines.torch import float8, recompute
+from keizoku.engines.torch import float8, profiling, recompute
 from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported
 from keizoku.train import checkpoint
 from keizoku.train.model import load_model
@@ -234,6 +234,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     tokens_per_step = t.global_batch_size * seq
     warned_retries = False
     while step < steps:
+        prof = profiling.start(cfg.logging.profile_step, step + 1, d.device)
         start = time.perf_counter()
         data_time = 0.0
         loss_sum = torch.zeros((), device=d.device)
@@ -267,6 +268,10 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
         consumed += t.global_batch_size
         tokens_seen += tokens_per_step
         elapsed = time.perf_counter() - start
+        if prof is not None:
+            table = profiling.finish(prof, run_dir, d.rank, step, d.device)
+            if d.rank == 0:
+                print(f"keizoku: step {step} profiled: {table.parent}/", flush=True)
         if step % cfg.logging.interval == 0 or step == steps:
             values = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_step / elapsed, "tokens_per_s_per_device": tokens_per_step / elapsed / d.world,
@@ -322,8 +327,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, compile: bool) -> None:
-    """FSDP2 per decoder layer (each with its activation checkpointing, optionally compiled), then the root: the wrapper, so the
-    embedding, final norm and output layer stay gathered from the body's forward through the loss."""
+    """FSDP2 per decoder layer (each with its activation checkpointing, optionally compiled), the input embedding
+    on its own when it is not tied to the output layer, then the root: the wrapper, so the final norm and output
+    layer (and a tied embedding) stay gathered from the body's forward through the loss."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -340,6 +346,10 @@ def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, com
         if compile:
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+    embedding, output = model.lm.get_input_embeddings(), model.lm.get_output_embeddings()
+    if output is None or embedding.weight is not output.weight:
+        # its own unit: the gathered input embedding (1 GiB for Llama-3.1-8B) is not held from forward to backward
+        fully_shard(embedding, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
 
 

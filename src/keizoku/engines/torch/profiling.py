@@ -1,0 +1,47 @@
+"""One training step under ``torch.profiler`` (``logging.profile_step``): where a step's time goes.
+
+Each rank writes, in RUN_DIR/profile/:
+- ``rank{R}-step{N}.trace.json.gz``: the timeline (CPU ops, CUDA kernels, NCCL), for https://ui.perfetto.dev or
+  chrome://tracing;
+- ``rank{R}-step{N}.txt``: the operators sorted by their own device time (CPU time without a GPU), top 50.
+Both appear under their final names only when complete. The profiled step itself runs slower (the profiler's own
+cost), so its tokens/s in the metrics is not representative; the step before and after are.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def start(profile_step: int, step: int, device: torch.device) -> profile | None:
+    """A running profiler when ``step`` (1-based) is the one to profile, else None."""
+    if profile_step <= 0 or step != profile_step:
+        return None
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    prof.start()
+    return prof
+
+
+def finish(prof: profile, run_dir: Path, rank: int, step: int, device: torch.device) -> Path:
+    """Stop after the step's work has finished and write the trace and the table; returns the table's path."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    prof.stop()
+    out = run_dir / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"rank{rank}-step{step}"
+    # the .gz suffix makes torch compress; the leading dot keeps the partial file from looking finished
+    tmp = out / f".{name}.partial.trace.json.gz"
+    prof.export_chrome_trace(str(tmp))
+    os.replace(tmp, out / f"{name}.trace.json.gz")
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = out / f"{name}.txt"
+    tmp = table.with_name(f".{table.name}.partial")
+    tmp.write_text(f"keizoku: step {step}, rank {rank}, operators by {key}\n"
+                   + prof.key_averages().table(sort_by=key, row_limit=50) + "\n")
+    os.replace(tmp, table)
+    return table
