@@ -173,8 +173,10 @@ def run_hf(a) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    model = AutoModelForCausalLM.from_config(llama_config(a.shape, a.seq), attn_implementation="sdpa",
-                                             dtype=torch.float32)
+    # random init on the GPU (8B: seconds, where a CPU takes minutes); Trainer's FSDP shards it from there
+    with torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))):
+        model = AutoModelForCausalLM.from_config(llama_config(a.shape, a.seq), attn_implementation="sdpa",
+                                                 dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     vocab = SHAPES[a.shape]["vocab_size"]
 
