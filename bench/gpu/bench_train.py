@@ -112,6 +112,7 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
 
     from keizoku.config import load
     from keizoku.engines import run
+    from keizoku.launch.progress import read_jsonl
 
     work = Path(a.workdir)  # one per variant, the same for all its ranks
     if a.profile:  # the last step, left out of the median below
@@ -128,8 +129,7 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
         raise SystemExit(f"keizoku train exited {code}")
     if rank():
         return []
-    records = [json.loads(x) for x in (work / "run/metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
+    train = [r for r in read_jsonl(work / "run/metrics.jsonl") if r["kind"] == "train"]
     train = train[a.warmup:len(train) - (1 if a.profile else 0)]
     name = "keizoku" + ("[" + ",".join(overrides) + "]" if overrides else "")
     if a.profile and a.out:
