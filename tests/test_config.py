@@ -62,6 +62,8 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     (["data.validation={ja: [{path: v, tokens: 5}]}"], "data.validation.ja[0].tokens: token budgets apply to data.blend"),
     (["checkpoint.resume=/no/such/checkpoint"], "checkpoint.resume: '/no/such/checkpoint' is neither"),
     (["train.max_steps"], "override 'train.max_steps': expected key.path=value"),
+    (["engine=megatron", "parallel.grad_accumulation=sharded"],
+     "parallel.reshard_after_forward / grad_accumulation / reduce_dtype: engine: torch only"),
 ])
 def test_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -74,6 +76,15 @@ def test_data_parallel_divisibility():
     assert validate(cfg, world_size=2) == []
     assert validate(cfg, world_size=3) == [
         "train.global_batch_size: 8 is not divisible by train.micro_batch_size × data-parallel size = 2 × 3"]
+
+
+def test_bf16_gradient_reduction_only_where_micro_batches_are_summed_in_fp32():
+    cfg = load(None, VALID + ["parallel.reduce_dtype=bf16"])
+    assert validate(cfg, world_size=2) == []  # auto: sharded on several GPUs, each micro batch reduced, summed in fp32
+    message = "parallel.reduce_dtype: bf16 with unsharded gradient accumulation"
+    assert message in validate(cfg, world_size=1)[0]  # auto: unsharded on one GPU
+    with pytest.raises(ConfigError, match=message):  # asked for: refused whatever the world size
+        load(None, VALID + ["parallel.reduce_dtype=bf16", "parallel.grad_accumulation=unsharded"])
 
 
 def test_cli(tmp_path):

@@ -161,17 +161,27 @@ def test_sigterm_saves_and_exits_resumable(setup, tmp_path):
 
 
 def test_two_process_torchrun_matches_one_process(setup, tmp_path):
+    """Also each way of summing gradients over micro batches, against the other: the one process reduce-scatters
+    after every micro batch (resharding after forward), the two sum unsharded and reduce once per step (the
+    defaults are the other way round)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    keizoku("train", config(setup, one, train__max_steps=6, checkpoint__interval=0))
+    keizoku("train", config(setup, one, train__max_steps=6, checkpoint__interval=0),
+            "parallel.grad_accumulation=sharded", "parallel.reshard_after_forward=true")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "keizoku", "train", str(config(setup, two, train__max_steps=6, checkpoint__interval=0)),
-                           "logging.profile_step=3"], capture_output=True, text=True, env=env, timeout=300)
+                           "logging.profile_step=3", "parallel.grad_accumulation=unsharded",
+                           "parallel.reshard_after_forward=false"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rank in (0, 1):  # the profiled step: each rank's timeline and operator table, and nothing partial
         trace = json.loads(gzip.decompress((two / f"profile/rank{rank}-step3.trace.json.gz").read_bytes()))
         assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
         assert "aten::mm" in (two / f"profile/rank{rank}-step3.txt").read_text()
+        # unsharded accumulation, no resharding: each FSDP unit (root, embedding, 2 layers) gathers once and
+        # reduce-scatters once in the step of 2 micro batches (sharded, resharding: 4 gathers and 2 reductions)
+        names = [e.get("name", "") for e in trace["traceEvents"]]
+        assert names.count("FSDP::all_gather (lm.model.layers.0)") == 1
+        assert names.count("c10d::_reduce_scatter_base_") == 4
     assert sorted(p.name for p in (two / "profile").iterdir()) == [
         "rank0-step3.trace.json.gz", "rank0-step3.txt", "rank1-step3.trace.json.gz", "rank1-step3.txt"]
     a, b = metrics(one, "train"), metrics(two, "train")

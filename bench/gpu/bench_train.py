@@ -324,6 +324,8 @@ def main() -> None:
         for row in rows:
             print("RESULT " + json.dumps(row), flush=True)
         return
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
     results = []
     for v in a.variants:
         t0 = time.perf_counter()

@@ -6,7 +6,8 @@
 #                -o .bench-gpu/data)
 # Run:  device run "bash bench/gpu/bench_train.sh [bench_train.py options]" with carry [".bench-gpu"]
 set -e
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .bench-gpu/*.whl
+# once per machine: two runs started side by side (one per GPU) must not reinstall under each other
+[ -f /tmp/site/.keizoku-bench ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .bench-gpu/*.whl && touch /tmp/site/.keizoku-bench; }
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # every variant (keizoku's own default, set for all)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true

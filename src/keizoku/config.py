@@ -147,8 +147,21 @@ class LoggingConfig:
 class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "torch.distributed backend; auto: nccl on GPU, gloo on CPU.")
     data_parallel_size: Optional[int] = _f(None, "Data-parallel ranks; default: the world size.")
-    reshard_after_forward: bool = _f(True, "FSDP2: free gathered parameters after forward (less memory, more "
-                                           "communication).")
+    reshard_after_forward: Optional[bool] = _f(
+        None, "engine: torch — FSDP2: free each layer's gathered parameters after its forward and gather them again "
+              "for its backward (less memory, twice the gathers). Default: true on several GPUs, false on one "
+              "(nothing is sharded there; it only saves the bf16 copy of the weights).")
+    grad_accumulation: Literal["auto", "sharded", "unsharded"] = _f(
+        "auto", "engine: torch — how gradients are summed over a step's micro batches. sharded: reduce-scattered "
+                "after every micro batch and summed in each GPU's fp32 shard (least memory; FSDP's way). unsharded: "
+                "summed in a full fp32 gradient on every GPU (4 bytes a parameter) and reduced once per step; the "
+                "weights stay gathered across the micro batches unless reshard_after_forward (Megatron DDP's way: "
+                "one gather and one reduction a step). auto: unsharded on one GPU, where it costs no memory; "
+                "sharded otherwise.")
+    reduce_dtype: Literal["fp32", "bf16"] = _f(
+        "fp32", "engine: torch — dtype of the gradient reduce-scatter across GPUs (torchtitan's "
+                "mixed_precision_reduce). bf16 halves its traffic; each GPU's sum is rounded to bf16 before it is "
+                "added into the fp32 shard. Not with grad_accumulation: unsharded (it would sum micro batches in bf16).")
 
 
 @dataclass
@@ -235,6 +248,11 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Ke
     return cfg
 
 
+def unsharded_grad_accumulation(p: ParallelConfig, world_size: int) -> bool:
+    """Whether engine: torch sums micro batches' gradients unsharded (parallel.grad_accumulation)."""
+    return p.grad_accumulation == "unsharded" or p.grad_accumulation == "auto" and world_size == 1
+
+
 def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
     """What the types cannot say; each message starts with the key path."""
     err = []
@@ -273,6 +291,11 @@ def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
             and cfg.parallel.data_parallel_size != world_size:
         err.append(f"parallel.data_parallel_size: {cfg.parallel.data_parallel_size} differs from the world size "
                    f"{world_size} (the torch engine is data-parallel only)")
+    if cfg.engine == "torch" and cfg.parallel.reduce_dtype == "bf16" and \
+            unsharded_grad_accumulation(cfg.parallel, world_size or 0):
+        err.append("parallel.reduce_dtype: bf16 with unsharded gradient accumulation (parallel.grad_accumulation; "
+                   "auto means unsharded on one GPU) would sum the micro batches in bf16; use fp32, or "
+                   "grad_accumulation: sharded")
     if m.full_recompute_layers < 0:
         err.append(f"model.full_recompute_layers: must be >= 0, not {m.full_recompute_layers}")
     if m.full_recompute_layers > 0 and m.activation_checkpointing == "full":
@@ -350,6 +373,10 @@ def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
         err.append("model.fp8: engine: torch only; with engine: megatron use megatron.precision: fp8")
     if cfg.logging.profile_step:
         err.append("logging.profile_step: engine: torch only (Megatron-Bridge has its own ProfilingConfig)")
+    if cfg.parallel.reshard_after_forward is not None or cfg.parallel.grad_accumulation != "auto" or \
+            cfg.parallel.reduce_dtype != "fp32":
+        err.append("parallel.reshard_after_forward / grad_accumulation / reduce_dtype: engine: torch only (Megatron "
+                   "accumulates in its DDP's fp32 gradient buffer; see megatron.distributed_optimizer)")
     if cfg.model.compile:
         err.append("model.compile: not available with engine: megatron (Megatron-Core uses its own fused kernels)")
     if cfg.train.device == "cpu":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from keizoku.config import KeizokuConfig, save_resolved, validate
+from keizoku.config import KeizokuConfig, save_resolved, unsharded_grad_accumulation, validate
 from keizoku.data import blend
 from keizoku.engines.torch import float8, profiling, recompute
 from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported
@@ -171,6 +171,9 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     cuda = d.device.type == "cuda"
     bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
 
+    reshard = d.world > 1 if cfg.parallel.reshard_after_forward is None else cfg.parallel.reshard_after_forward
+    # unsharded: one gather (unless reshard) and one reduce-scatter a step, not two and one per micro batch
+    unsharded_accumulation = unsharded_grad_accumulation(cfg.parallel, d.world)
     model = load_model(cfg.model, torch.float32, seed=t.seed, device=d.device).to(d.device)  # fp32 master weights
     flops_token, peak = flops_per_token(model, seq), peak_flops(d.device)
     compile = cuda if cfg.model.compile is None else cfg.model.compile
@@ -194,7 +197,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
             raise TrainingError(str(e)) from None
         if d.rank == 0:
             print(f"keizoku: model.fp8: {cfg.model.fp8}: {n} linear layers compute in FP8", flush=True)
-    _shard(lm_loss, cfg, d, bf16, compile)
+    _shard(lm_loss, cfg, d, bf16, compile, reshard)
     optimizer = adamw(model, cfg.optim, d.device.type)
     steps, total_samples = blend.samples_for(t.max_steps, t.max_tokens, t.global_batch_size, seq)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(steps, cfg.optim, cfg.schedule))
@@ -238,7 +241,11 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
         start = time.perf_counter()
         data_time = 0.0
         loss_sum = torch.zeros((), device=d.device)
-        for _ in range(accum):
+        for micro in range(accum):
+            if unsharded_accumulation:
+                last = micro == accum - 1
+                lm_loss.set_requires_gradient_sync(last)
+                lm_loss.set_reshard_after_backward(last or reshard)
             t0 = time.perf_counter()
             batch = next(batches)
             data_time += time.perf_counter() - t0
@@ -326,7 +333,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, compile: bool) -> None:
+def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, compile: bool, reshard: bool) -> None:
     """FSDP2 per decoder layer (each with its activation checkpointing, optionally compiled), the input embedding
     on its own when it is not tied to the output layer, then the root: the wrapper, so the final norm and output
     layer (and a tied embedding) stay gathered from the body's forward through the loss."""
@@ -334,7 +341,8 @@ def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, com
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+    reduce_dtype = torch.bfloat16 if cfg.parallel.reduce_dtype == "bf16" else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype) \
         if bf16 and d.device.type == "cuda" else MixedPrecisionPolicy()
     layers = _decoder_layers(model.lm)
     try:
@@ -345,12 +353,12 @@ def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, com
         layer = layers[i] = recompute.wrap(layer, mode)
         if compile:
             layer.compile()
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     embedding, output = model.lm.get_input_embeddings(), model.lm.get_output_embeddings()
     if output is None or embedding.weight is not output.weight:
         # its own unit: the gathered input embedding (1 GiB for Llama-3.1-8B) is not held from forward to backward
-        fully_shard(embedding, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+        fully_shard(embedding, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
