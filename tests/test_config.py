@@ -54,6 +54,7 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     (["optim.min_lr=1.0"], "optim.min_lr: must be between 0 and optim.lr"),
     (["optim.state_dtype=fp16"], "optim.state_dtype: Invalid value 'fp16'"),
     (["logging.profile_step=-1"], "logging.profile_step: must be >= 0 (0: off), not -1"),
+    (["logging.profile_step=3", "logging.profile_ranks=[0,-1]"], "logging.profile_ranks: [-1] negative"),
     (["model.activation_checkpointing=full", "model.full_recompute_layers=2"],
      "model.full_recompute_layers: every layer already recomputes fully"),
     (["schedule.warmup_steps=20"], "schedule.warmup_steps: 20 is more than train.max_steps (10)"),
@@ -76,6 +77,12 @@ def test_data_parallel_divisibility():
     assert validate(cfg, world_size=2) == []
     assert validate(cfg, world_size=3) == [
         "train.global_batch_size: 8 is not divisible by train.micro_batch_size × data-parallel size = 2 × 3"]
+
+
+def test_profile_ranks_exist():
+    cfg = load(None, VALID + ["train.global_batch_size=8", "logging.profile_step=2", "logging.profile_ranks=[0,2]"])
+    assert validate(cfg, world_size=4) == []
+    assert validate(cfg, world_size=2) == ["logging.profile_ranks: [2] not below the world size 2"]
 
 
 def test_bf16_gradient_reduction_only_where_micro_batches_are_summed_in_fp32():

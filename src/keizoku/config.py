@@ -141,6 +141,9 @@ class LoggingConfig:
     profile_step: int = _f(0, "engine: torch — record this step (1-based) with torch.profiler: RUN_DIR/profile/ gets "
                               "each rank's timeline (.trace.json.gz, for Perfetto) and its operators by device time "
                               "(.txt). 0: off.")
+    profile_ranks: list[int] = field(default_factory=lambda: [0], metadata={"help": (
+        "The ranks that record logging.profile_step (each writes a trace of tens of MB; Megatron's default is "
+        "rank 0 too), e.g. [0, 8] for the first GPU of two nodes.")})
 
 
 @dataclass
@@ -330,6 +333,10 @@ def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
         err.append(f"logging.interval: must be at least 1, not {cfg.logging.interval}")
     if cfg.logging.profile_step < 0:
         err.append(f"logging.profile_step: must be >= 0 (0: off), not {cfg.logging.profile_step}")
+    bad_ranks = [r for r in cfg.logging.profile_ranks if r < 0 or world_size is not None and r >= world_size]
+    if cfg.logging.profile_step and bad_ranks:
+        err.append(f"logging.profile_ranks: {bad_ranks} " + (f"not below the world size {world_size}" if world_size
+                                                              else "negative"))
     return err
 
 

@@ -1,6 +1,6 @@
 """One training step under ``torch.profiler`` (``logging.profile_step``): where a step's time goes.
 
-Each rank writes, in RUN_DIR/profile/:
+Each rank of ``logging.profile_ranks`` (default: rank 0) writes, in RUN_DIR/profile/:
 - ``rank{R}-step{N}.trace.json.gz``: the timeline (CPU ops, CUDA kernels, NCCL), for https://ui.perfetto.dev or
   chrome://tracing;
 - ``rank{R}-step{N}.txt``: the operators sorted by their own device time (CPU time without a GPU), top 50.

@@ -237,7 +237,8 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     tokens_per_step = t.global_batch_size * seq
     warned_retries = False
     while step < steps:
-        prof = profiling.start(cfg.logging.profile_step, step + 1, d.device)
+        prof = profiling.start(cfg.logging.profile_step, step + 1, d.device) \
+            if d.rank in cfg.logging.profile_ranks else None
         start = time.perf_counter()
         data_time = 0.0
         loss_sum = torch.zeros((), device=d.device)
@@ -277,7 +278,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
         elapsed = time.perf_counter() - start
         if prof is not None:
             table = profiling.finish(prof, run_dir, d.rank, step, d.device)
-            if d.rank == 0:
+            if d.rank == min(cfg.logging.profile_ranks):
                 print(f"keizoku: step {step} profiled: {table.parent}/", flush=True)
         if step % cfg.logging.interval == 0 or step == steps:
             values = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
