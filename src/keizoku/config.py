@@ -251,8 +251,14 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Ke
     return cfg
 
 
+# engine: torch's FSDP settings whose default depends on the number of GPUs
+def reshard_after_forward(p: ParallelConfig, world_size: int) -> bool:
+    """parallel.reshard_after_forward, its default resolved: true on several GPUs, false on one."""
+    return world_size > 1 if p.reshard_after_forward is None else p.reshard_after_forward
+
+
 def unsharded_grad_accumulation(p: ParallelConfig, world_size: int) -> bool:
-    """Whether engine: torch sums micro batches' gradients unsharded (parallel.grad_accumulation)."""
+    """Whether micro batches' gradients are summed unsharded (parallel.grad_accumulation, auto: on one GPU)."""
     return p.grad_accumulation == "unsharded" or p.grad_accumulation == "auto" and world_size == 1
 
 

@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from keizoku.config import LoggingConfig
 
-def start(profile_step: int, step: int, device: torch.device) -> profile | None:
-    """A running profiler when ``step`` (1-based) is the one to profile, else None."""
-    if profile_step <= 0 or step != profile_step:
+
+def start(logging: LoggingConfig, step: int, rank: int, device: torch.device) -> profile | None:
+    """A running profiler when ``step`` (1-based) is ``logging.profile_step`` and ``rank`` one of
+    ``logging.profile_ranks``, else None."""
+    if logging.profile_step <= 0 or step != logging.profile_step or rank not in logging.profile_ranks:
         return None
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)

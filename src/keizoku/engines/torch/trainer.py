@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from keizoku.config import KeizokuConfig, save_resolved, unsharded_grad_accumulation, validate
+from keizoku.config import (KeizokuConfig, reshard_after_forward, save_resolved, unsharded_grad_accumulation,
+                            validate)
 from keizoku.data import blend
 from keizoku.engines.torch import float8, profiling, recompute
 from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported
@@ -171,7 +172,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     cuda = d.device.type == "cuda"
     bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
 
-    reshard = d.world > 1 if cfg.parallel.reshard_after_forward is None else cfg.parallel.reshard_after_forward
+    reshard = reshard_after_forward(cfg.parallel, d.world)
     # unsharded: one gather (unless reshard) and one reduce-scatter a step, not two and one per micro batch
     unsharded_accumulation = unsharded_grad_accumulation(cfg.parallel, d.world)
     model = load_model(cfg.model, torch.float32, seed=t.seed, device=d.device).to(d.device)  # fp32 master weights
@@ -237,8 +238,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     tokens_per_step = t.global_batch_size * seq
     warned_retries = False
     while step < steps:
-        prof = profiling.start(cfg.logging.profile_step, step + 1, d.device) \
-            if d.rank in cfg.logging.profile_ranks else None
+        prof = profiling.start(cfg.logging, step + 1, d.rank, d.device)
         start = time.perf_counter()
         data_time = 0.0
         loss_sum = torch.zeros((), device=d.device)
