@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -136,12 +137,16 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
         table = (work / f"run/profile/rank0-step{a.steps}.txt").read_text()
         categories = kernel_time_by_category(work / f"run/profile/rank0-step{a.steps}.trace.json.gz")
         Path(a.out, f"profile-{work.name}.txt").write_text(f"{name}\n{categories}\n{table}")
+        if a.keep_trace:
+            shutil.copy(work / f"run/profile/rank0-step{a.steps}.trace.json.gz", Path(a.out, f"trace-{work.name}.json.gz"))
         print(f"=== profile: {name}, step {a.steps}, rank 0 ===\n{categories}", flush=True)
     return [summary(name, a, [r["step_s"] for r in train], max(r.get("memory_gib", 0.0) for r in train))]
 
 
 KERNEL_CATEGORIES = (("matmul", ("gemm", "nvjet", "xmma", "cutlass")), ("attention", ("flash", "fmha", "sdpa", "attn")),
-                     ("nccl", ("nccl",)), ("compiled (triton)", ("triton",)))
+                     ("nccl", ("nccl",)),
+                     # FP8 scaling: the amax reductions and the saturating casts (clamp), often fused with a producer
+                     ("fp8 amax/cast (triton)", ("triton_red_fused_abs", "clamp")), ("compiled (triton)", ("triton",)))
 
 
 def kernel_time_by_category(trace: Path) -> str:
@@ -151,13 +156,26 @@ def kernel_time_by_category(trace: Path) -> str:
 
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     totals: dict[str, float] = {}
+    streams: dict[object, float] = {}
+    matmul_by_stream: dict[object, float] = {}
+    start, end = float("inf"), 0.0
     for e in events:
         if e.get("cat") != "kernel":
             continue
         name = e["name"].lower()
         cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
         totals[cat] = totals.get(cat, 0.0) + e.get("dur", 0) / 1e3
-    return "\n".join(f"{c:20} {ms:10.1f} ms" for c, ms in sorted(totals.items(), key=lambda x: -x[1]))
+        streams[e.get("tid")] = streams.get(e.get("tid"), 0.0) + e.get("dur", 0) / 1e3
+        if cat == "matmul":
+            matmul_by_stream[e.get("tid")] = matmul_by_stream.get(e.get("tid"), 0.0) + e.get("dur", 0)
+        start, end = min(start, e["ts"]), max(end, e["ts"] + e.get("dur", 0))
+    lines = [f"{c:24} {ms:10.1f} ms" for c, ms in sorted(totals.items(), key=lambda x: -x[1])]
+    # the compute stream (the one running the matmuls) is idle for the rest of the span: waiting on the CPU or a
+    # collective
+    compute = max(matmul_by_stream, key=matmul_by_stream.get, default=None)
+    lines.append(f"{'compute stream busy':24} {streams.get(compute, 0.0):10.1f} ms of {(end - start) / 1e3:.1f} ms "
+                 "from the first kernel to the last")
+    return "\n".join(lines)
 
 
 # --- baselines ---------------------------------------------------------------------------------------------
@@ -307,6 +325,7 @@ def main() -> None:
                    help="keizoku, keizoku:KEY=VALUE[,KEY=VALUE], hf, fsdp, fsdp:eager,ac,chunked")
     p.add_argument("--profile", action="store_true", help="torch.profiler summary of one step per variant (keizoku: "
                    "the last step, via logging.profile_step; fsdp: one more step per loss)")
+    p.add_argument("--keep-trace", action="store_true", help="with --profile: copy rank 0's trace to --out")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: that variant's scratch directory

@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from keizoku.files import write_atomic
+
 
 def _f(default, help: str):  # noqa: A002 - "help" reads best in the field declarations
     """A field with its help text; a class (list, dict, a section) as default means "a fresh one"."""
@@ -51,6 +53,10 @@ class ModelConfig:
                 "Hopper or newer; fp32 master weights and the bf16 output layer are unchanged). tensorwise: one "
                 "scale per tensor, FP8 FSDP all-gather; rowwise: a scale per row. engine: megatron: "
                 "megatron.precision.")
+    fp8_layers: Literal["auto", "all"] = _f(
+        "auto", "model.fp8 only. auto: leave in bf16 the linear layers too small for an FP8 matmul to pay for its "
+                "casts (torchao's size thresholds per recipe; e.g. tensorwise keeps Llama-3.1-8B's k_proj and "
+                "v_proj, 4096 -> 1024, in bf16); all: every linear layer whose sizes are multiples of 16.")
     compile: Optional[bool] = _f(None, "torch.compile each decoder layer (and the chunked loss's elementwise "
                                        "work); default: on with CUDA, off on a CPU.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (transformers' trust_remote_code).")
@@ -448,12 +454,7 @@ def to_yaml(cfg: KeizokuConfig) -> str:
 
 def save_resolved(cfg: KeizokuConfig, run_dir: str | os.PathLike) -> Path:
     """Write RUN_DIR/config.yaml (atomically): exactly what the run used."""
-    path = Path(run_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".config.yaml.tmp{os.getpid()}")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(Path(run_dir) / "config.yaml", to_yaml(cfg))
 
 
 def defaults_yaml() -> str:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +31,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from keizoku.files import write_atomic
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SAMPLES = {"ja": ASSETS / "data" / "ja_sample.jsonl.gz", "en": ASSETS / "data" / "en_sample.jsonl.gz"}
@@ -111,9 +113,7 @@ class _State:
         self.data = json.loads(path.read_text()) if path.exists() else {"steps": {}}
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1, ensure_ascii=False) + "\n")
 
 
 class _Quickstart:
@@ -171,7 +171,7 @@ class _Quickstart:
             parts = {"train": [ln for i, ln in enumerate(lines) if (i + 1) % self.opts.valid_every],
                      "valid": [ln for i, ln in enumerate(lines) if (i + 1) % self.opts.valid_every == 0]}
             for split, chosen in parts.items():
-                _write_atomic(data / f"{lang}_{split}.jsonl", b"".join(chosen))
+                write_atomic(data / f"{lang}_{split}.jsonl", b"".join(chosen))
                 counts[f"{lang}_{split}"] = len(chosen)
             self.console.print(f"{src.name}: {len(parts['train'])} train + {len(parts['valid'])} validation "
                                f"documents -> {data}/{lang}_{{train,valid}}.jsonl", highlight=False)
@@ -299,7 +299,7 @@ class _Quickstart:
         path = self.out / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         merged = OmegaConf.merge(OmegaConf.create(common), OmegaConf.create(values))
-        _write_atomic(path, OmegaConf.to_yaml(merged).encode())
+        write_atomic(path, OmegaConf.to_yaml(merged).encode())
         self.console.print(f"config: {path}", highlight=False)
         return load(path)
 
@@ -342,12 +342,10 @@ class _Quickstart:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = run_dir / "loss.png"
-        tmp = path.with_name(".loss.tmp.png")
-        fig.savefig(tmp)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        return write_atomic(run_dir / "loss.png", png.getvalue())
 
     def summary(self, plot: Path, wall: float) -> dict:
         r = self.results
@@ -432,12 +430,6 @@ def _version() -> str:
     from keizoku import __version__
 
     return __version__
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _one_line(text: str) -> str:

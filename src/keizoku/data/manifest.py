@@ -25,8 +25,9 @@ manifest itself is replaced atomically, so an entry always describes finished da
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from keizoku.files import write_atomic
 
 MANIFEST_NAME = "keizoku-manifest.json"
 FORMAT = "keizoku-manifest"
@@ -47,10 +48,7 @@ def load(path: Path) -> dict:
 
 
 def save(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def update(path: Path, entries: dict[str, dict]) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from keizoku.data.indexed import optimal_dtype
+from keizoku.files import write_atomic
 
 # Text that exercises the pre-tokenizer: scripts, digits, contractions, whitespace runs, emoji.
 PROBE_TEXTS = [
@@ -73,10 +74,7 @@ def unicode_classes() -> bytes:
     table[0x0D] |= 8
     data = bytes(table)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError:
         pass
     return data
@@ -532,10 +530,7 @@ def _merges_are_rank_order(backend_json: str, fingerprint: str) -> tuple[bool, s
             if not ok:
                 break
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"ok": ok, "why": why}))
-        os.replace(tmp, cache)
+        write_atomic(cache, json.dumps({"ok": ok, "why": why}))
     except OSError:
         pass
     return ok, why

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from keizoku.config import KeizokuConfig
+from keizoku.files import write_atomic
 from keizoku.launch.driver import EXIT_OK, EXIT_PREEMPTED, Plan
 from keizoku.launch.profile import Profile, walltime_seconds
 from keizoku.launch.script import JobSpec, job_script, parse_job_id, submit_command
@@ -79,14 +80,6 @@ def prepare(cfg: KeizokuConfig, config_path: Path, overrides: list[str], profile
     return plan, spec, job_script(profile, spec)
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def submit(cfg: KeizokuConfig, config_path: Path, overrides: list[str], profile: Profile, *, chain: int = 1,
            container: Optional[Path] = None, dry_run: bool = False, name: Optional[str] = None,
            workdir: Optional[Path] = None, command: str = "", log: Callable[[str], None] = print) -> Submission:
@@ -101,13 +94,13 @@ def submit(cfg: KeizokuConfig, config_path: Path, overrides: list[str], profile:
     if dry_run:
         sub.commands = [submit_command(profile, script, None if i == 0 else f"<job {i}>") for i in range(chain)]
         return sub
-    _write(spec.plan, plan.to_json())
+    write_atomic(spec.plan, plan.to_json(), 0o644)
     if container is not None:
         launch_dir = script.with_name(script.name.replace(".sh", ".launch"))
         launch_dir.mkdir(parents=True, exist_ok=True)
         for f in LAUNCH_FILES:
             shutil.copy2(Path(__file__).with_name(f), launch_dir / f)
-    _write(script, text, 0o755)
+    write_atomic(script, text, 0o755)
     (spec.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     if profile.scheduler == "local":
         return _run_local(sub, profile, spec, chain, log)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from keizoku.config import KeizokuConfig, save_resolved, validate
 from keizoku.engines.megatron import MegatronError
+from keizoku.files import write_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 3
 RUN_INFO = "megatron.json"
@@ -162,6 +163,4 @@ def _write_run_info(run_dir: Path, cfg: KeizokuConfig, found, p: dict) -> None:
             "hf_fingerprint": fingerprint(cfg.model.hf_path), "tokenizer": p["tokenizer"]["tokenizer_model"],
             "transformer_impl": cfg.megatron.transformer_impl, "train_iters": p["train"]["train_iters"],
             "pretrained_checkpoint": p["checkpoint"]["pretrained_checkpoint"], "plan": p}
-    tmp = run_dir / f".{RUN_INFO}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=1, default=str) + "\n")
-    os.replace(tmp, run_dir / RUN_INFO)
+    write_atomic(run_dir / RUN_INFO, json.dumps(info, indent=1, default=str) + "\n")

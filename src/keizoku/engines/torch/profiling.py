@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from keizoku.config import LoggingConfig
+from keizoku.files import write_atomic
 
 
 def start(logging: LoggingConfig, step: int, rank: int, device: torch.device) -> profile | None:
@@ -42,9 +43,5 @@ def finish(prof: profile, run_dir: Path, rank: int, step: int, device: torch.dev
     prof.export_chrome_trace(str(tmp))
     os.replace(tmp, out / f"{name}.trace.json.gz")
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = out / f"{name}.txt"
-    tmp = table.with_name(f".{table.name}.partial")
-    tmp.write_text(f"keizoku: step {step}, rank {rank}, operators by {key}\n"
-                   + prof.key_averages().table(sort_by=key, row_limit=50) + "\n")
-    os.replace(tmp, table)
-    return table
+    return write_atomic(out / f"{name}.txt", f"keizoku: step {step}, rank {rank}, operators by {key}\n"
+                        + prof.key_averages().table(sort_by=key, row_limit=50) + "\n")

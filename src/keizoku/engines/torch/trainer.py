@@ -193,11 +193,13 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
             raise TrainingError(f"model.fp8: {torch.cuda.get_device_name(d.device)} has no FP8 matmuls (needs "
                                 "compute capability 8.9+: Ada, Hopper or newer)")
         try:
-            n = float8.convert(_decoder_layers(model), cfg.model.fp8, fp8_all_gather)
+            n, linear = float8.convert(_decoder_layers(model), cfg.model.fp8, fp8_all_gather, cfg.model.fp8_layers)
         except float8.Float8Unavailable as e:
             raise TrainingError(str(e)) from None
         if d.rank == 0:
-            print(f"keizoku: model.fp8: {cfg.model.fp8}: {n} linear layers compute in FP8", flush=True)
+            print(f"keizoku: model.fp8: {cfg.model.fp8}: {n} of {linear} linear layers compute in FP8"
+                  + (" (the others are too small to gain; model.fp8_layers=all converts them)"
+                     if n < linear and cfg.model.fp8_layers == "auto" else ""), flush=True)
     _shard(lm_loss, cfg, d, bf16, compile, reshard)
     optimizer = adamw(model, cfg.optim, d.device.type)
     steps, total_samples = blend.samples_for(t.max_steps, t.max_tokens, t.global_batch_size, seq)

@@ -1,0 +1,57 @@
+"""Where the compute stream waits, from a keizoku profile trace (``logging.profile_step``; ``bench_train.py
+--profile --keep-trace`` copies rank 0's): its busy time, its largest idle gaps with the kernels on either side,
+and each collective's kernel time and how long after its launch on the CPU it started on the GPU.
+
+    python3 bench/gpu/trace_gaps.py RUN_DIR/profile/rank0-step14.trace.json.gz [--top 20]
+
+A gap before an all-gather copy-out is the compute stream waiting for a gather; a collective whose kernel runs for
+much longer than the same collective elsewhere in the step is waiting for the other ranks (or for SMs)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+
+MATMUL = ("gemm", "nvjet", "xmma", "cutlass")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("trace")
+    p.add_argument("--top", type=int, default=20, help="largest gaps to list")
+    a = p.parse_args()
+    events = json.loads(gzip.decompress(open(a.trace, "rb").read()))["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    t0 = min(e["ts"] for e in kernels)
+    matmul = collections.Counter()
+    for e in kernels:
+        if any(k in e["name"].lower() for k in MATMUL):
+            matmul[e["tid"]] += e["dur"]
+    compute = matmul.most_common(1)[0][0]
+    ks = sorted((e for e in kernels if e["tid"] == compute), key=lambda e: e["ts"])
+    span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
+    busy = sum(e["dur"] for e in ks)
+    gaps = [(b["ts"] - a_["ts"] - a_["dur"], a_, b) for a_, b in zip(ks, ks[1:])]
+    print(f"compute stream {compute}: {len(ks)} kernels, busy {busy / 1e3:.1f} ms of {span / 1e3:.1f} ms "
+          f"({100 * (1 - busy / span):.1f}% idle)")
+    for g, before, after in sorted(gaps, key=lambda x: -x[0])[:a.top]:
+        print(f"  {g / 1e3:7.2f} ms idle at {(before['ts'] + before['dur'] - t0) / 1e3:8.1f} ms  after "
+              f"{before['name'][:50]}  before {after['name'][:50]}")
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    stats = collections.defaultdict(list)
+    for e in kernels:
+        if "nccl" in e["name"].lower():
+            cpu = launches.get(e.get("args", {}).get("correlation"))
+            stats[e["name"].split("(")[0]].append((e["dur"], e["ts"] - cpu["ts"] if cpu else float("nan")))
+    print("collectives: kernel count, total ms, median ms, median ms from CPU launch to GPU start")
+    for name, rows in sorted(stats.items(), key=lambda x: -sum(d for d, _ in x[1])):
+        durs, lags = sorted(d for d, _ in rows), sorted(lag for _, lag in rows)
+        print(f"  {name[:60]:60} {len(rows):5} {sum(durs) / 1e3:9.1f} {durs[len(durs) // 2] / 1e3:8.2f} "
+              f"{lags[len(lags) // 2] / 1e3:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
