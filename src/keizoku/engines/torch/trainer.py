@@ -258,9 +258,13 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
                 losses = lm_loss(tokens, labels)
             (losses / (accum * tokens.numel())).backward()  # FSDP averages over ranks: the global mean
             loss_sum += losses.detach()
-        grad_norm = _clip(model, cfg.optim.grad_clip)
-        dist.all_reduce(loss_sum)
-        loss = (loss_sum / tokens_per_step).item()
+        # one host sync a step: the summed loss, the gradient norm and whether any rank was asked to stop come back
+        # together (each read on its own drains the GPU's queue, which then idles while the CPU catches up). A
+        # signal arriving after this point stops the run at the end of the next step.
+        totals = torch.stack([loss_sum, torch.full((), float(stop.signal is not None), device=d.device)])  # no copy
+        dist.all_reduce(totals)
+        loss_total, stop_votes, grad_norm = torch.cat([totals, _clip(model, cfg.optim.grad_clip).view(1)]).tolist()
+        loss = loss_total / tokens_per_step
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             if t.on_nan == "stop":
                 raise TrainingError(f"step {step + 1}: loss {loss}, grad norm {grad_norm}: not finite; stopping "
@@ -301,7 +305,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
             metrics.log("train", step, values)
         if valid and cfg.eval.interval and step % cfg.eval.interval == 0 and step < steps:
             metrics.log("eval", step, _evaluate(lm_loss, valid, cfg, d, eval_samples))
-        stopping = _agree(stop.signal is not None, d.device)
+        stopping = stop_votes > 0
         if stopping or step == steps and cfg.checkpoint.save_at_end or \
                 cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             save(step)
@@ -372,15 +376,10 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
-def _clip(model, max_norm: float) -> float:
+def _clip(model, max_norm: float) -> torch.Tensor:
+    """Clips the gradients to ``max_norm`` (0: no clipping); returns their norm before clipping, on the device."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _agree(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
 
 
 def _datasets(cfg: KeizokuConfig, run_dir: Path, total_samples: int, eval_samples: int):
