@@ -117,7 +117,7 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
 
     work = Path(a.workdir)  # one per variant, the same for all its ranks
     if a.profile:  # the last step, left out of the median below
-        overrides = [*overrides, f"logging.profile_step={a.steps}"]
+        overrides = [*overrides, f"logging.profile_step={a.steps}", f"logging.profile_ranks=[{a.profile_ranks}]"]
     cfg = keizoku_config(work / "run", work / "model", Path(a.data), a.seq, a.micro, a.global_batch, a.steps)
     if not rank():
         write_model_dir(work / "model", a.shape, a.seq)
@@ -137,8 +137,12 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
         table = (work / f"run/profile/rank0-step{a.steps}.txt").read_text()
         categories = kernel_time_by_category(work / f"run/profile/rank0-step{a.steps}.trace.json.gz")
         Path(a.out, f"profile-{work.name}.txt").write_text(f"{name}\n{categories}\n{table}")
-        if a.keep_trace:
-            shutil.copy(work / f"run/profile/rank0-step{a.steps}.trace.json.gz", Path(a.out, f"trace-{work.name}.json.gz"))
+        for r in (a.profile_ranks.split(",") if a.keep_trace else []):
+            trace = work / f"run/profile/rank{r}-step{a.steps}.trace.json.gz"
+            deadline = time.time() + 120  # another rank may still be writing its own
+            while not trace.exists() and time.time() < deadline:
+                time.sleep(1)
+            shutil.copy(trace, Path(a.out, f"trace-{work.name}-rank{r}.json.gz"))
         print(f"=== profile: {name}, step {a.steps}, rank 0 ===\n{categories}", flush=True)
     return [summary(name, a, [r["step_s"] for r in train], max(r.get("memory_gib", 0.0) for r in train))]
 
@@ -325,7 +329,9 @@ def main() -> None:
                    help="keizoku, keizoku:KEY=VALUE[,KEY=VALUE], hf, fsdp, fsdp:eager,ac,chunked")
     p.add_argument("--profile", action="store_true", help="torch.profiler summary of one step per variant (keizoku: "
                    "the last step, via logging.profile_step; fsdp: one more step per loss)")
-    p.add_argument("--keep-trace", action="store_true", help="with --profile: copy rank 0's trace to --out")
+    p.add_argument("--profile-ranks", default="0", help="with --profile: the ranks that record it, e.g. 0,1 "
+                   "(the kernel summary is rank 0's)")
+    p.add_argument("--keep-trace", action="store_true", help="with --profile: copy the profiled ranks' traces to --out")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: that variant's scratch directory

@@ -2,10 +2,13 @@
 --profile --keep-trace`` copies rank 0's): its busy time, its largest idle gaps with the kernels on either side,
 and each collective's kernel time and how long after its launch on the CPU it started on the GPU.
 
-    python3 bench/gpu/trace_gaps.py RUN_DIR/profile/rank0-step14.trace.json.gz [--top 20]
+    python3 bench/gpu/trace_gaps.py RUN_DIR/profile/rank0-step14.trace.json.gz [rank1-step14.trace.json.gz ...]
 
 A gap before an all-gather copy-out is the compute stream waiting for a gather; a collective whose kernel runs for
-much longer than the same collective elsewhere in the step is waiting for the other ranks (or for SMs)."""
+much longer than the same collective elsewhere in the step is waiting for the other ranks (or for SMs). Given the
+traces of several ranks of one step (``logging.profile_ranks``; the clocks of one host agree), it also says, per
+collective, how much later than the first rank the last one started its kernel, and which rank was last most
+often: a late rank makes the others' kernels long."""
 
 from __future__ import annotations
 
@@ -19,10 +22,38 @@ MATMUL = ("gemm", "nvjet", "xmma", "cutlass")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("trace")
+    p.add_argument("traces", nargs="+", help="one rank's trace, or several ranks' of the same step")
     p.add_argument("--top", type=int, default=20, help="largest gaps to list")
     a = p.parse_args()
-    events = json.loads(gzip.decompress(open(a.trace, "rb").read()))["traceEvents"]
+    collectives = []
+    for k, trace in enumerate(a.traces):
+        print(f"== #{k}: {trace}")
+        collectives.append(summarise(trace, a.top))
+    if len(collectives) > 1:
+        skew(collectives)
+
+
+def skew(collectives: list[dict[str, list[float]]]) -> None:
+    print("== across ranks: per collective, the last rank's kernel start after the first's (median, max ms), and "
+          "how often each trace was the last")
+    for name in collectives[0]:
+        starts = [c.get(name, []) for c in collectives]
+        n = min(len(s) for s in starts)
+        if not n:
+            continue
+        lags, last = [], [0] * len(starts)
+        for i in range(n):
+            column = [s[i] for s in starts]
+            lags.append(max(column) - min(column))
+            last[column.index(max(column))] += 1
+        lags.sort()
+        print(f"  {name[:60]:60} {n:5} {lags[n // 2] / 1e3:8.2f} {lags[-1] / 1e3:8.2f}  last: "
+              + ", ".join(f"#{k} {c}" for k, c in enumerate(last)))
+
+
+def summarise(trace: str, top: int) -> dict[str, list[float]]:
+    """Prints one rank's compute-stream gaps and collectives; returns each collective's kernel start times."""
+    events = json.loads(gzip.decompress(open(trace, "rb").read()))["traceEvents"]
     kernels = [e for e in events if e.get("cat") == "kernel"]
     t0 = min(e["ts"] for e in kernels)
     matmul = collections.Counter()
@@ -36,21 +67,24 @@ def main() -> None:
     gaps = [(b["ts"] - a_["ts"] - a_["dur"], a_, b) for a_, b in zip(ks, ks[1:])]
     print(f"compute stream {compute}: {len(ks)} kernels, busy {busy / 1e3:.1f} ms of {span / 1e3:.1f} ms "
           f"({100 * (1 - busy / span):.1f}% idle)")
-    for g, before, after in sorted(gaps, key=lambda x: -x[0])[:a.top]:
+    for g, before, after in sorted(gaps, key=lambda x: -x[0])[:top]:
         print(f"  {g / 1e3:7.2f} ms idle at {(before['ts'] + before['dur'] - t0) / 1e3:8.1f} ms  after "
               f"{before['name'][:50]}  before {after['name'][:50]}")
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     stats = collections.defaultdict(list)
-    for e in kernels:
+    starts = collections.defaultdict(list)
+    for e in sorted(kernels, key=lambda e: e["ts"]):
         if "nccl" in e["name"].lower():
             cpu = launches.get(e.get("args", {}).get("correlation"))
             stats[e["name"].split("(")[0]].append((e["dur"], e["ts"] - cpu["ts"] if cpu else float("nan")))
+            starts[e["name"].split("(")[0]].append(e["ts"])
     print("collectives: kernel count, total ms, median ms, median ms from CPU launch to GPU start")
     for name, rows in sorted(stats.items(), key=lambda x: -sum(d for d, _ in x[1])):
         durs, lags = sorted(d for d, _ in rows), sorted(lag for _, lag in rows)
         print(f"  {name[:60]:60} {len(rows):5} {sum(durs) / 1e3:9.1f} {durs[len(durs) // 2] / 1e3:8.2f} "
               f"{lags[len(lags) // 2] / 1e3:8.2f}")
+    return starts
 
 
 if __name__ == "__main__":
