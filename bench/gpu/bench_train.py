@@ -125,6 +125,10 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
         (work / "cfg.tmp").rename(work / "cfg.yaml")
     while not (work / "cfg.yaml").exists():
         time.sleep(0.2)
+    if a.sm_carveout is not None:  # an experiment, not a keizoku setting (yet): SMs the GEMMs leave to NCCL
+        import torch
+
+        torch._C._set_sm_carveout_experimental(a.sm_carveout)
     code = run(load(work / "cfg.yaml", overrides))
     if code:
         raise SystemExit(f"keizoku train exited {code}")
@@ -132,7 +136,8 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
         return []
     train = [r for r in read_jsonl(work / "run/metrics.jsonl") if r["kind"] == "train"]
     train = train[a.warmup:len(train) - (1 if a.profile else 0)]
-    name = "keizoku" + ("[" + ",".join(overrides) + "]" if overrides else "")
+    name = "keizoku" + ("[" + ",".join(overrides) + "]" if overrides else "") \
+        + (f" sm_carveout={a.sm_carveout}" if a.sm_carveout is not None else "")
     if a.profile and a.out:
         table = (work / f"run/profile/rank0-step{a.steps}.txt").read_text()
         categories = kernel_time_by_category(work / f"run/profile/rank0-step{a.steps}.trace.json.gz")
@@ -331,6 +336,8 @@ def main() -> None:
                    "the last step, via logging.profile_step; fsdp: one more step per loss)")
     p.add_argument("--profile-ranks", default="0", help="with --profile: the ranks that record it, e.g. 0,1 "
                    "(the kernel summary is rank 0's)")
+    p.add_argument("--sm-carveout", type=int, help="keizoku variants: cuBLAS GEMMs leave this many SMs free "
+                   "(torch._C._set_sm_carveout_experimental), e.g. for NCCL's kernels")
     p.add_argument("--keep-trace", action="store_true", help="with --profile: copy the profiled ranks' traces to --out")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
