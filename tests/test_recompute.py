@@ -23,15 +23,21 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops(mode: str) -> tuple[Counter, Counter]:
-    """Operators run in the forward and in the backward pass of one decoder layer."""
+def _ops(mode: str, fp8: bool = False) -> tuple[Counter, Counter]:
+    """Operators run in the forward and in the backward pass of one decoder layer (``fp8``: its linear layers as
+    torchao's Float8Linear, tensorwise)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                       attn_implementation="sdpa")
     torch.manual_seed(0)
-    layer = recompute.wrap(LlamaDecoderLayer(cfg, layer_idx=0), mode)
+    layer = LlamaDecoderLayer(cfg, layer_idx=0)
+    if fp8:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(layer, config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    layer = recompute.wrap(layer, mode)
     x = torch.randn(2, 16, 64, requires_grad=True)
     pos = LlamaRotaryEmbedding(cfg)(x, torch.arange(16).unsqueeze(0))
     with _Ops() as forward:
@@ -54,6 +60,16 @@ def test_modes_recompute_what_they_say():
     # full: the forward again, its matmuls and attention included (but the last matmul: recomputation stops early
     # once every tensor the backward needs exists again)
     assert forward[mm] == 7 and full[mm] == none[mm] + forward[mm] - 1 and sum(full[op] for op in attention) == 1 and full[aten.silu.default] == 1
+
+
+def test_selective_keeps_the_fp8_scales_amax():
+    """Under model.fp8 each cast's scale comes from the amax of its whole input: selective keeps those numbers
+    (one each), so its backward runs no more amax reductions than `none`'s, while still recomputing the norms."""
+    pytest.importorskip("torchao")
+    (forward, none), (_, selective) = (_ops(m, fp8=True) for m in ("none", "selective"))
+    amax = aten.max.default
+    assert forward[amax] == 14  # eager: an input and a weight scale for each of the 7 linear layers
+    assert selective[amax] == none[amax] and selective[aten.rsqrt.default] > none[aten.rsqrt.default]
 
 
 def test_unknown_mode_is_refused():

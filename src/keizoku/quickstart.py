@@ -297,9 +297,8 @@ class _Quickstart:
             "logging": {"interval": 5, "tensorboard": False},
         }
         path = self.out / "configs" / f"{name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
         merged = OmegaConf.merge(OmegaConf.create(common), OmegaConf.create(values))
-        write_atomic(path, OmegaConf.to_yaml(merged).encode())
+        write_atomic(path, OmegaConf.to_yaml(merged))
         self.console.print(f"config: {path}", highlight=False)
         return load(path)
 

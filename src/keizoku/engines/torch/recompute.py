@@ -2,8 +2,8 @@
 
 - ``none``: every activation is kept for the backward pass (fastest; the most memory).
 - ``selective``: per-operator (torch.utils.checkpoint's selective checkpointing): the outputs of matmuls and
-  attention are kept, everything else in the layer (norms, RoPE, SiLU·mul, residual adds, casts) is recomputed in
-  the backward pass. The recomputed work is memory-bound and cheap; the kept tensors are the ones that cost FLOPs.
+  attention are kept (and, with ``model.fp8``, each FP8 cast's amax: one number), everything else in the layer
+  (norms, RoPE, SiLU·mul, residual adds, casts) is recomputed in the backward pass. The recomputed work is memory-bound and cheap; the kept tensors are the ones that cost FLOPs.
 - ``full``: only each layer's input is kept; the whole layer runs again in the backward pass (~1/3 more compute,
   the least memory).
 ``model.full_recompute_layers: N`` makes the first N layers ``full`` and leaves the others in the chosen mode: the
@@ -22,9 +22,11 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 MODES = ("none", "selective", "full")
 
 _aten = torch.ops.aten
-# operators whose outputs `selective` keeps: the FLOP-heavy ones (fp8 matmuls included)
+# operators whose outputs `selective` keeps: the FLOP-heavy ones (fp8 matmuls included), and full reductions to one
+# value: under model.fp8 those are the amax of each FP8 cast's input (one number each), which the backward would
+# otherwise recompute by reading the whole input again
 KEPT_OPS = {
-    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten._scaled_mm.default,
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten._scaled_mm.default, _aten.max.default,
     *(getattr(_aten, name).default for name in (
         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
