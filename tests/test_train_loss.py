@@ -95,6 +95,34 @@ def test_wrapped_model_loss_and_parameter_gradients_match_the_model_logits(tied)
     assert {n.removeprefix("lm.") for n in dict(CausalLMWithLoss(model, 7).named_parameters())} == set(ref)
 
 
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_training_forward_and_backward_never_wait_for_the_device(chunk):
+    """No operator that reads a tensor's value on the host (on a GPU: a sync that drains the queue) in a micro
+    batch's forward and backward, full-logits and chunked: transformers' packed-sequence check is skipped (keizoku's
+    positions never restart) and the chunked loss's one-hot is a comparison, not F.one_hot (which checks its range)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    from transformers import masking_utils
+
+    check = masking_utils.find_packed_sequence_indices
+    tokens = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    wrapped = CausalLMWithLoss(_tiny_llama(False), chunk)
+    with HostReads() as reads:
+        wrapped(tokens, torch.roll(tokens, -1, 1)).backward()
+    assert reads.ops == []
+    assert masking_utils.find_packed_sequence_indices is check  # put back after the forward
+
+
 def test_unsupported_output_layers_are_named():
     model = _tiny_llama(False)
     assert chunking_unsupported(model) is None

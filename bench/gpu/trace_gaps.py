@@ -1,11 +1,14 @@
 """Where the compute stream waits, from a keizoku profile trace (``logging.profile_step``; ``bench_train.py
 --profile --keep-trace`` copies rank 0's): its busy time, its largest idle gaps with the kernels on either side,
-and each collective's kernel time and how long after its launch on the CPU it started on the GPU.
+the host syncs (what the CPU was doing when it waited for the GPU), and each collective's kernel time and how long
+after its launch on the CPU it started on the GPU.
 
     python3 bench/gpu/trace_gaps.py RUN_DIR/profile/rank0-step14.trace.json.gz [rank1-step14.trace.json.gz ...]
 
-A gap before an all-gather copy-out is the compute stream waiting for a gather; a collective whose kernel runs for
-much longer than the same collective elsewhere in the step is waiting for the other ranks (or for SMs). Given the
+A gap before an all-gather copy-out is the compute stream waiting for a gather (or for the CPU to issue it); a
+collective whose kernel runs much longer than the same collective elsewhere in the step is waiting for the other
+ranks or sharing the SMs with compute, which costs nothing unless the compute stream waits too. The idle time by
+100 ms of the step shows which phase (a forward, a backward, the optimizer) loses it. Given the
 traces of several ranks of one step (``logging.profile_ranks``; the clocks of one host agree), it also says, per
 collective, how much later than the first rank the last one started its kernel, and which rank was last most
 often: a late rank makes the others' kernels long."""
@@ -67,9 +70,23 @@ def summarise(trace: str, top: int) -> dict[str, list[float]]:
     gaps = [(b["ts"] - a_["ts"] - a_["dur"], a_, b) for a_, b in zip(ks, ks[1:])]
     print(f"compute stream {compute}: {len(ks)} kernels, busy {busy / 1e3:.1f} ms of {span / 1e3:.1f} ms "
           f"({100 * (1 - busy / span):.1f}% idle)")
+    by_phase = collections.Counter()
+    for g, before, _ in gaps:
+        by_phase[int((before["ts"] + before["dur"] - t0) / 1e5)] += max(g, 0)
+    print("  idle ms by 100 ms of the step: " + " ".join(f"{by_phase[i] / 1e3:.0f}" for i in range(max(by_phase) + 1)))
     for g, before, after in sorted(gaps, key=lambda x: -x[0])[:top]:
         print(f"  {g / 1e3:7.2f} ms idle at {(before['ts'] + before['dur'] - t0) / 1e3:8.1f} ms  after "
               f"{before['name'][:50]}  before {after['name'][:50]}")
+    # host syncs: the CPU waits for the GPU; afterwards the GPU waits for the CPU to queue work again
+    syncs = [e for e in events if e.get("name") in ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+             and e.get("dur", 0) > 1000]
+    ops = [e for e in events if e.get("cat") == "cpu_op" and e.get("ph") == "X"]
+    print(f"host syncs over 1 ms: {len(syncs)}")
+    for sync in syncs:
+        callers = [e["name"] for e in ops if e["tid"] == sync["tid"] and e["ts"] <= sync["ts"]
+                   and e["ts"] + e["dur"] >= sync["ts"] + sync["dur"]]
+        print(f"  {(sync['ts'] - t0) / 1e3:8.1f} ms: CPU waits {sync['dur'] / 1e3:6.1f} ms in "
+              f"{' > '.join(callers[:3]) or sync['name']}")
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     stats = collections.defaultdict(list)

@@ -14,6 +14,7 @@ modules, then the loss uses the output layer's weight while the root FSDP unit s
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -33,7 +34,9 @@ def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, grad_dtype:
     if grad_dtype is None:
         return loss, None
     grad = torch.exp(logits - lse.unsqueeze(1))
-    grad = grad - F.one_hot(safe, logits.size(1)).to(grad.dtype)
+    # − one-hot written as a comparison: F.one_hot checks its input's range on the host, a sync per chunk in eager
+    target_column = torch.arange(logits.size(1), device=logits.device) == safe.unsqueeze(1)
+    grad = grad - target_column.to(grad.dtype)
     grad = torch.where(keep.unsqueeze(1), grad, 0.0)
     return loss, grad.to(grad_dtype)
 
@@ -143,10 +146,39 @@ class CausalLMWithLoss(torch.nn.Module):
         self.lm, self.chunk, self.compile = lm, chunk, compile
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not self.chunk:
-            return full_lm_loss(self.lm(input_ids=input_ids, use_cache=False).logits, labels)
-        body = getattr(self.lm, self.lm.base_model_prefix)  # LlamaModel etc.: the decoder without the output layer
-        # use_cache=False: a KV cache in training only costs memory, and its per-layer state makes torch.compile
-        # recompile each decoder layer until its recompile limit, after which the remaining layers run eagerly
-        hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
+        with _positions_not_packed():
+            if not self.chunk:
+                return full_lm_loss(self.lm(input_ids=input_ids, use_cache=False).logits, labels)
+            body = getattr(self.lm, self.lm.base_model_prefix)  # LlamaModel etc.: the decoder without the output layer
+            # use_cache=False: a KV cache in training only costs memory, and its per-layer state makes torch.compile
+            # recompile each decoder layer until its recompile limit, after which the remaining layers run eagerly
+            hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
         return chunked_lm_loss(hidden, self.lm.get_output_embeddings().weight, labels, self.chunk, self.compile)
+
+
+def _not_packed(position_ids: torch.Tensor) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _positions_not_packed():
+    """Transformers checks the position ids of every forward without a KV cache for packed sequences (positions
+    that restart inside a row) with an ``.all()`` the CPU must wait for. On a GPU that drains the queue at the start
+    of every micro batch, and a forward whose kernels the CPU only just keeps ahead of (FP8) then runs with the GPU
+    idle in between: 8B FP8 on 2 GPUs, ~0.2 s of a 2.7 s step (bench/gpu/README.md, sixth session). keizoku's
+    positions never restart (documents are concatenated, Megatron's way: positions 0 … seq−1), so the answer is
+    known; the check is skipped while keizoku's own forward runs."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # no masking_utils: a transformers without the check
+        yield
+        return
+    check = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if check is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = _not_packed
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = check
