@@ -198,8 +198,8 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
             raise TrainingError(str(e)) from None
         if d.rank == 0:
             print(f"keizoku: model.fp8: {cfg.model.fp8}: {n} of {linear} linear layers compute in FP8"
-                  + (" (the others are too small to gain; model.fp8_layers=all converts them)"
-                     if n < linear and cfg.model.fp8_layers == "auto" else ""), flush=True)
+                  + (f" (the other {linear - n} stay in bf16, too small to gain from it; model.fp8_layers=all "
+                     "converts them)" if n < linear and cfg.model.fp8_layers == "auto" else ""), flush=True)
     _shard(lm_loss, cfg, d, bf16, compile, reshard)
     optimizer = adamw(model, cfg.optim, d.device.type)
     steps, total_samples = blend.samples_for(t.max_steps, t.max_tokens, t.global_batch_size, seq)
