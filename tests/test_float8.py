@@ -51,8 +51,8 @@ def test_fp8_layers_auto_keeps_layers_too_small_to_gain_in_bf16(recipe, which, e
     shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
               "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096), "odd": (4096, 4104)}
     with torch.device("meta"):
-        layers = torch.nn.ModuleList([torch.nn.ModuleDict({n: torch.nn.Linear(*s, bias=False) for n, s in shapes.items()})
-                                      for _ in range(2)])
+        layers = torch.nn.ModuleList(
+            [torch.nn.ModuleDict({n: torch.nn.Linear(*s, bias=False) for n, s in shapes.items()}) for _ in range(2)])
     assert float8.convert(layers, recipe, fsdp_fp8_all_gather=False, which=which) == (2 * len(expected), 16)
     for layer in layers:
         assert {n for n, m in layer.items() if isinstance(m, Float8Linear)} == expected

@@ -68,7 +68,8 @@ def _compiled_cast():
     return torch.compile(cast_to_float8, dynamic=True)
 
 
-def convert(layers: torch.nn.ModuleList, recipe: str, fsdp_fp8_all_gather: bool, which: str = "auto") -> tuple[int, int]:
+def convert(layers: torch.nn.ModuleList, recipe: str, fsdp_fp8_all_gather: bool,
+            which: str = "auto") -> tuple[int, int]:
     """Swap the linear layers inside ``layers`` for Float8Linear in place; returns (swapped, linear layers).
 
     A linear layer whose sizes are not multiples of 16 (what the FP8 kernels need) stays in bf16, and with

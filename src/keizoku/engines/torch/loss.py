@@ -15,6 +15,7 @@ modules, then the loss uses the output layer's weight while the root FSDP unit s
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable
 
 import torch
@@ -167,12 +168,8 @@ def _positions_not_packed():
     of every micro batch, and a forward whose kernels the CPU only just keeps ahead of (FP8) then runs with the GPU
     idle in between: 8B FP8 on 2 GPUs, ~0.2 s of a 2.7 s step (bench/gpu/README.md, sixth session). keizoku's
     positions never restart (documents are concatenated, Megatron's way: positions 0 … seq−1), so the answer is
-    known; the check is skipped while keizoku's own forward runs."""
-    try:
-        from transformers import masking_utils
-    except ImportError:  # no masking_utils: a transformers without the check
-        yield
-        return
+    known; the check is skipped while keizoku's own forward runs (a transformers without it is left alone)."""
+    masking_utils = sys.modules.get("transformers.masking_utils")  # imported by the model's own module
     check = getattr(masking_utils, "find_packed_sequence_indices", None)
     if check is None:
         yield

@@ -3,7 +3,8 @@
 - ``none``: every activation is kept for the backward pass (fastest; the most memory).
 - ``selective``: per-operator (torch.utils.checkpoint's selective checkpointing): the outputs of matmuls and
   attention are kept (and, with ``model.fp8``, each FP8 cast's amax: one number), everything else in the layer
-  (norms, RoPE, SiLU·mul, residual adds, casts) is recomputed in the backward pass. The recomputed work is memory-bound and cheap; the kept tensors are the ones that cost FLOPs.
+  (norms, RoPE, SiLU·mul, residual adds, casts) is recomputed in the backward pass. The recomputed work is
+  memory-bound and cheap; the kept tensors are the ones that cost FLOPs.
 - ``full``: only each layer's input is kept; the whole layer runs again in the backward pass (~1/3 more compute,
   the least memory).
 ``model.full_recompute_layers: N`` makes the first N layers ``full`` and leaves the others in the chosen mode: the
