@@ -28,23 +28,17 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-SHAPES = {  # hidden, FFN, heads, kv heads
-    "8b": (4096, 14336, 32, 8),
-    "1b": (2048, 8192, 32, 8),
-    "tiny": (64, 128, 4, 2),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import SHAPES, llama_config
 
 
-def build(shape: str, fp8: str, fp8_layers: str, recompute_mode: str, device: str, compile: bool):
+def build(shape: str, seq: int, fp8: str, fp8_layers: str, recompute_mode: str, device: str, compile: bool):
     import torch
-    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from keizoku.engines.torch import float8, recompute
 
-    hidden, ffn, heads, kv = SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads, num_key_value_heads=kv,
-                         num_hidden_layers=1, vocab_size=128, max_position_embeddings=131072, rope_theta=500000.0)
+    config = llama_config(shape, seq)
     config._attn_implementation = "sdpa"
     # bf16 weights, as FSDP's mixed precision gathers them for compute (the fp32 masters stay in the shards)
     layer = LlamaDecoderLayer(config, layer_idx=0).to(device, torch.bfloat16)
@@ -70,8 +64,7 @@ def main() -> None:
                    help="a torch._inductor.config option (Python literal value), repeatable")
     p.add_argument("--out", default=os.environ.get("OUT"))
     a = p.parse_args()
-    code_dir = Path(tempfile.mkdtemp(prefix="kz-inductor-"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(code_dir))
+    code_dir = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kz-inductor-")))
     if a.kernel_bandwidth:
         os.environ["TORCHINDUCTOR_BENCHMARK_KERNEL"] = "1"
     os.environ.setdefault("TORCHINDUCTOR_UNIQUE_KERNEL_NAMES", "1")
@@ -88,8 +81,10 @@ def main() -> None:
             p.error(f"--inductor {option}: torch._inductor.config has no {key!r}")
         setattr(torch._inductor.config, key, ast.literal_eval(value))
     cuda = a.device.startswith("cuda")
-    layer, rotary, swapped = build(a.shape, a.fp8, a.fp8_layers, a.recompute, a.device, compile=cuda)
-    hidden = SHAPES[a.shape][0]
+    layer, rotary, swapped = build(a.shape, a.seq, a.fp8, a.fp8_layers, a.recompute, a.device, compile=cuda)
+    hidden = SHAPES[a.shape]["hidden_size"]
+    label = f"{a.shape} seq {a.seq} fp8 {a.fp8} ({swapped} linear layers) recompute {a.recompute}" + \
+        "".join(f" {option}" for option in a.inductor)
     x = torch.randn(1, a.seq, hidden, device=a.device, dtype=torch.bfloat16, requires_grad=True)
     positions = torch.arange(a.seq, device=a.device)[None]
     grad = torch.randn_like(x)
@@ -112,15 +107,13 @@ def main() -> None:
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        options = "".join(f" {option}" for option in a.inductor)
-        print(f"{a.shape} seq {a.seq} fp8 {a.fp8} ({swapped} linear layers) recompute {a.recompute}{options}: "
-              f"forward + backward {sorted(times)[len(times) // 2]:.2f} ms (median of {a.repeat})")
+        print(f"{label}: forward + backward {sorted(times)[len(times) // 2]:.2f} ms (median of {a.repeat})")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
     else:
-        print(f"{a.shape} seq {a.seq} fp8 {a.fp8} ({swapped} linear layers) recompute {a.recompute}: ran on {a.device}")
+        print(f"{label}: ran on {a.device}")
 
     modules = sorted(f for f in code_dir.rglob("*.py") if "benchmark_compiled_module" in f.read_text(errors="ignore"))
     if a.kernel_bandwidth:

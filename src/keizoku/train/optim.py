@@ -69,7 +69,7 @@ class AdamWLowPrecisionState(torch.optim.AdamW):
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
             coefficients: dict[tuple, torch.Tensor] = {}  # per (step, device): one small host→device copy
-            same_layout: dict[tuple, list[tuple]] = {}  # compiled: (step, device, layout) → parameters' tensors
+            same_layout: dict[tuple, list[tuple]] = {}  # compiled: ((step, device), layout) → parameters' tensors
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -92,10 +92,10 @@ class AdamWLowPrecisionState(torch.optim.AdamW):
                     _adamw_update(*tensors, coefficients[key])
                 elif param.numel():  # (an empty shard: nothing to update, and a size-0 graph to spare)
                     layout = tuple((t.shape, t.stride(), t.dtype) for t in tensors)
-                    same_layout.setdefault((*key, layout), []).append(tensors)
-            for (*key, _), members in same_layout.items():
+                    same_layout.setdefault((key, layout), []).append(tensors)
+            for (key, _), members in same_layout.items():
                 for i in range(0, len(members), self.GROUP):
-                    self._update_group(*map(list, zip(*members[i:i + self.GROUP])), coefficients[tuple(key)])
+                    self._update_group(*map(list, zip(*members[i:i + self.GROUP])), coefficients[key])
         return loss
 
     @staticmethod
