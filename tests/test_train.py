@@ -163,34 +163,48 @@ def test_sigterm_saves_and_exits_resumable(setup, tmp_path):
 def test_two_process_torchrun_matches_one_process(setup, tmp_path):
     """Also each way of summing gradients over micro batches, against the other: the one process reduce-scatters
     after every micro batch (resharding after forward), the two sum unsharded and reduce once per step (the
-    defaults are the other way round)."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    defaults are the other way round), then reduce-scatter every micro batch with the weights gathered once a step."""
+    one = tmp_path / "one"
     keizoku("train", config(setup, one, train__max_steps=6, checkpoint__interval=0),
             "parallel.grad_accumulation=sharded", "parallel.reshard_after_forward=true")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "keizoku", "train", str(config(setup, two, train__max_steps=6, checkpoint__interval=0)),
-                           "logging.profile_step=3", "logging.profile_ranks=[1]", "parallel.grad_accumulation=unsharded",
-                           "parallel.reshard_after_forward=false"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    # the profiled step: rank 1's timeline and operator table (rank 0 was not asked), and nothing partial
-    assert sorted(p.name for p in (two / "profile").iterdir()) == ["rank1-step3.trace.json.gz", "rank1-step3.txt"]
-    trace = json.loads(gzip.decompress((two / "profile/rank1-step3.trace.json.gz").read_bytes()))
-    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
-    assert "aten::mm" in (two / "profile/rank1-step3.txt").read_text()
+
+    def two_processes(run: Path, steps: int, *overrides: str) -> list[str]:
+        """The profiled step's operator names (rank 1: rank 0 was not asked; nothing partial)."""
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "keizoku", "train", str(config(setup, run, train__max_steps=steps,
+                                                                     checkpoint__interval=0)),
+                               "logging.profile_step=3", "logging.profile_ranks=[1]", *overrides],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert sorted(p.name for p in (run / "profile").iterdir()) == ["rank1-step3.trace.json.gz", "rank1-step3.txt"]
+        assert "aten::mm" in (run / "profile/rank1-step3.txt").read_text()
+        trace = json.loads(gzip.decompress((run / "profile/rank1-step3.trace.json.gz").read_bytes()))
+        names = [e.get("name", "") for e in trace["traceEvents"]]
+        assert "aten::mm" in names
+        return names
+
     # unsharded accumulation, no resharding: each FSDP unit (root, embedding, 2 layers) gathers once and
     # reduce-scatters once in the step of 2 micro batches (sharded, resharding: 4 gathers and 2 reductions)
-    names = [e.get("name", "") for e in trace["traceEvents"]]
+    names = two_processes(tmp_path / "two", 6, "parallel.grad_accumulation=unsharded",
+                          "parallel.reshard_after_forward=false")
     assert names.count("FSDP::all_gather (lm.model.layers.0)") == 1
     assert names.count("c10d::_reduce_scatter_base_") == 4
-    a, b = metrics(one, "train"), metrics(two, "train")
+    a, b = metrics(one, "train"), metrics(tmp_path / "two", "train")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
-    wa, wb = final_weights(one, 6), final_weights(two, 6)
+    wa, wb = final_weights(one, 6), final_weights(tmp_path / "two", 6)
     for k in wa:
         # input-embedding rows of rare tokens take Adam steps from near-zero gradient sums whose rounding depends on
         # the reduction order (1 vs 2 ranks): measured up to 8e-6 with full logits, 1.2e-5 with the chunked loss
         atol = 3e-5 if "embed_tokens" in k else 1e-5
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=atol, msg=k)
+    # sharded accumulation, no resharding: gathered once a step all the same, a reduce-scatter per micro batch
+    names = two_processes(tmp_path / "sharded", 3, "parallel.grad_accumulation=sharded",
+                          "parallel.reshard_after_forward=false")
+    assert names.count("FSDP::all_gather (lm.model.layers.0)") == 1
+    assert names.count("c10d::_reduce_scatter_base_") == 8
+    c = metrics(tmp_path / "sharded", "train")
+    assert [r["loss"] for r in c] == pytest.approx([r["loss"] for r in a[:3]], rel=1e-4)
 
 
 def test_config_errors_exit_2(setup, tmp_path):

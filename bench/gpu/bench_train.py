@@ -11,6 +11,9 @@ Variants (each in its own process, one after another, so memory and compile cach
 ``--profile``: a torch.profiler summary of one step of each variant (keizoku: also its GPU kernel time by category).
 With ``--world N`` > 1 each variant runs under torchrun on N GPUs (FSDP2 over them; HF Trainer with FSDP).
 ``--mem-cap-gib`` caps every variant's GPU memory (an H100's 78 GiB on an H200).
+``--baseline-src DIR``: variants named ``keizoku@base`` run the keizoku source tree in DIR instead of this checkout's
+``src`` (e.g. ``git archive <commit> src | tar -x -C .bench-gpu/base``, then ``--baseline-src .bench-gpu/base/src``):
+a change measured against the commit before it, side by side on one machine.
 All share the Llama shape, micro batch, global batch, optimizer (fused AdamW, fp32 master weights, bf16 compute).
 Reported: median step time over the steps after ``--warmup``, tokens/s/GPU, MFU (6·N + 12·L·H·S per token, N
 without the input embedding, output layer included; 989.4 TFLOP/s), peak allocated memory, card.
@@ -116,6 +119,10 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
     from keizoku.launch.progress import read_jsonl
 
     work = Path(a.workdir)  # one per variant, the same for all its ranks
+    if not rank():
+        import keizoku
+
+        print(f"keizoku from {Path(keizoku.__file__).parent}", flush=True)
     if a.profile:  # the last step, left out of the median below
         overrides = [*overrides, f"logging.profile_step={a.steps}", f"logging.profile_ranks=[{a.profile_ranks}]"]
     cfg = keizoku_config(work / "run", work / "model", Path(a.data), a.seq, a.micro, a.global_batch, a.steps)
@@ -136,7 +143,7 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
         return []
     train = [r for r in read_jsonl(work / "run/metrics.jsonl") if r["kind"] == "train"]
     train = train[a.warmup:len(train) - (1 if a.profile else 0)]
-    name = "keizoku" + ("[" + ",".join(overrides) + "]" if overrides else "") \
+    name = a.one.partition(":")[0] + ("[" + ",".join(overrides) + "]" if overrides else "") \
         + (f" sm_carveout={a.sm_carveout}" if a.sm_carveout is not None else "")
     if a.profile and a.out:
         table = (work / f"run/profile/rank0-step{a.steps}.txt").read_text()
@@ -339,6 +346,7 @@ def main() -> None:
     p.add_argument("--sm-carveout", type=int, help="keizoku variants: cuBLAS GEMMs leave this many SMs free "
                    "(torch._C._set_sm_carveout_experimental), e.g. for NCCL's kernels")
     p.add_argument("--keep-trace", action="store_true", help="with --profile: copy the profiled ranks' traces to --out")
+    p.add_argument("--baseline-src", help="the keizoku source tree that keizoku@base variants run")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: that variant's scratch directory
@@ -352,6 +360,7 @@ def main() -> None:
             total = torch.cuda.get_device_properties(dev).total_memory / 2**30
             torch.cuda.set_per_process_memory_fraction(min(1.0, a.mem_cap_gib / total), dev)
         rows = {"keizoku": lambda: run_keizoku(a, extra.split(",") if extra else []),
+                "keizoku@base": lambda: run_keizoku(a, extra.split(",") if extra else []),
                 "hf": lambda: run_hf(a), "fsdp": lambda: run_fsdp(a, extra.split(","))}[kind]()
         for row in rows:
             print("RESULT " + json.dumps(row), flush=True)
@@ -364,10 +373,15 @@ def main() -> None:
         launcher = [sys.executable] if a.world == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.world}"]
         cmd = [*launcher, __file__, *sys.argv[1:], "--one", v, "--workdir", tempfile.mkdtemp(prefix="kz-bench-")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if v.startswith("keizoku@base"):
+            if not a.baseline_src:
+                p.error(f"variant {v}: needs --baseline-src")
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(a.baseline_src).resolve()), env.get("PYTHONPATH", "")])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         log = proc.stdout + proc.stderr
         if a.out:
-            Path(a.out, f"log-{v.split(':')[0]}{len(results)}.txt").write_text(log)
+            Path(a.out, f"log-{v.split(':')[0].replace('@', '-')}{len(results)}.txt").write_text(log)
         rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not rows:
             print(f"--- {v} failed (exit {proc.returncode}):\n{log[-3000:]}", flush=True)

@@ -158,15 +158,15 @@ class ParallelConfig:
     data_parallel_size: Optional[int] = _f(None, "Data-parallel ranks; default: the world size.")
     reshard_after_forward: Optional[bool] = _f(
         None, "engine: torch — FSDP2: free each layer's gathered parameters after its forward and gather them again "
-              "for its backward (less memory, twice the gathers). Default: true on several GPUs, false on one "
-              "(nothing is sharded there; it only saves the bf16 copy of the weights).")
+              "for its backward (less memory, twice the gathers). false: the weights are gathered once a step and "
+              "stay gathered through all its micro batches. Default: true on several GPUs, false on one (nothing "
+              "is sharded there; it only saves the bf16 copy of the weights).")
     grad_accumulation: Literal["auto", "sharded", "unsharded"] = _f(
         "auto", "engine: torch — how gradients are summed over a step's micro batches. sharded: reduce-scattered "
                 "after every micro batch and summed in each GPU's fp32 shard (least memory; FSDP's way). unsharded: "
-                "summed in a full fp32 gradient on every GPU (4 bytes a parameter) and reduced once per step; the "
-                "weights stay gathered across the micro batches unless reshard_after_forward (Megatron DDP's way: "
-                "one gather and one reduction a step). auto: unsharded on one GPU, where it costs no memory; "
-                "sharded otherwise.")
+                "summed in a full fp32 gradient on every GPU (4 bytes a parameter) and reduced once per step (with "
+                "reshard_after_forward: false, Megatron DDP's way: one gather and one reduction a step). auto: "
+                "unsharded on one GPU, where it costs no memory; sharded otherwise.")
     reduce_dtype: Literal["fp32", "bf16"] = _f(
         "fp32", "engine: torch — dtype of the gradient reduce-scatter across GPUs (torchtitan's "
                 "mixed_precision_reduce). bf16 halves its traffic; each GPU's sum is rounded to bf16 before it is "

@@ -173,7 +173,7 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
     bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
 
     reshard = reshard_after_forward(cfg.parallel, d.world)
-    # unsharded: one gather (unless reshard) and one reduce-scatter a step, not two and one per micro batch
+    # unsharded: one reduce-scatter a step, not one per micro batch
     unsharded_accumulation = unsharded_grad_accumulation(cfg.parallel, d.world)
     model = load_model(cfg.model, torch.float32, seed=t.seed, device=d.device).to(d.device)  # fp32 master weights
     flops_token, peak = flops_per_token(model, seq), peak_flops(d.device)
@@ -245,10 +245,16 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
         data_time = 0.0
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(accum):
+            last = micro == accum - 1
+            # Without reshard_after_forward every layer is gathered at the backward's start anyway: keeping the
+            # weights gathered until the step's last backward costs no peak memory and spares the next forward its
+            # gathers (queued behind this backward's reduce-scatters on the one communicator). That forward then
+            # need not wait for the last reduce-scatter (the output layer's gradient, 1 GiB at 8B) either: it
+            # finishes under the forward, whose peak holds its buffer (8B FP8, 4 GPUs: +2.9%, +0.8 GiB together).
+            lm_loss.set_reshard_after_backward(last or reshard)
+            lm_loss.set_is_last_backward(last or reshard)
             if unsharded_accumulation:
-                last = micro == accum - 1
                 lm_loss.set_requires_gradient_sync(last)
-                lm_loss.set_reshard_after_backward(last or reshard)
             t0 = time.perf_counter()
             batch = next(batches)
             data_time += time.perf_counter() - t0
