@@ -11,6 +11,7 @@ over ``--repeat`` steps of the CPU's time to return from ``step()`` and of the t
 (host sync before and after: the GPU starts idle, as after the trainer's sync).
 
   python3 bench/gpu/optimizer_step.py --shape 8b --world 2 --variants fused bf16-group=1 bf16-group=8 bf16-eager
+  python3 bench/gpu/optimizer_step.py --shape tiny --device cpu --variants fused bf16-group=8    (plumbing check on a CPU)
 """
 
 from __future__ import annotations

@@ -246,11 +246,9 @@ def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metr
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(accum):
             last = micro == accum - 1
-            # Without reshard_after_forward every layer is gathered at the backward's start anyway: keeping the
-            # weights gathered until the step's last backward costs no peak memory and spares the next forward its
-            # gathers (queued behind this backward's reduce-scatters on the one communicator). That forward then
-            # need not wait for the last reduce-scatter (the output layer's gradient, 1 GiB at 8B) either: it
-            # finishes under the forward, whose peak holds its buffer (8B FP8, 4 GPUs: +2.9%, +0.8 GiB together).
+            # without reshard_after_forward all weights are gathered at each backward's start anyway: they stay so
+            # until the step's last backward (the next forward's gathers would queue behind this backward's
+            # reduce-scatters), and that forward need not wait for the last one (the output layer's, 1 GiB at 8B)
             lm_loss.set_reshard_after_backward(last or reshard)
             lm_loss.set_is_last_backward(last or reshard)
             if unsharded_accumulation:
