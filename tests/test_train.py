@@ -164,7 +164,7 @@ def test_two_process_torchrun_matches_one_process(setup, tmp_path):
     """Also each way of summing gradients over micro batches, against the other: the one process reduce-scatters
     after every micro batch (resharding after forward), the two sum unsharded and reduce once per step (the
     defaults are the other way round), then reduce-scatter every micro batch with the weights gathered once a step."""
-    one = tmp_path / "one"
+    one, two = tmp_path / "one", tmp_path / "two"
     keizoku("train", config(setup, one, train__max_steps=6, checkpoint__interval=0),
             "parallel.grad_accumulation=sharded", "parallel.reshard_after_forward=true")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -186,13 +186,13 @@ def test_two_process_torchrun_matches_one_process(setup, tmp_path):
 
     # unsharded accumulation, no resharding: each FSDP unit (root, embedding, 2 layers) gathers once and
     # reduce-scatters once in the step of 2 micro batches (sharded, resharding: 4 gathers and 2 reductions)
-    names = two_processes(tmp_path / "two", 6, "parallel.grad_accumulation=unsharded",
+    names = two_processes(two, 6, "parallel.grad_accumulation=unsharded",
                           "parallel.reshard_after_forward=false")
     assert names.count("FSDP::all_gather (lm.model.layers.0)") == 1
     assert names.count("c10d::_reduce_scatter_base_") == 4
-    a, b = metrics(one, "train"), metrics(tmp_path / "two", "train")
+    a, b = metrics(one, "train"), metrics(two, "train")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
-    wa, wb = final_weights(one, 6), final_weights(tmp_path / "two", 6)
+    wa, wb = final_weights(one, 6), final_weights(two, 6)
     for k in wa:
         # input-embedding rows of rare tokens take Adam steps from near-zero gradient sums whose rounding depends on
         # the reduction order (1 vs 2 ranks): measured up to 8e-6 with full logits, 1.2e-5 with the chunked loss

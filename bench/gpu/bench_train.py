@@ -359,9 +359,8 @@ def main() -> None:
             dev = int(os.environ.get("LOCAL_RANK", 0))
             total = torch.cuda.get_device_properties(dev).total_memory / 2**30
             torch.cuda.set_per_process_memory_fraction(min(1.0, a.mem_cap_gib / total), dev)
-        rows = {"keizoku": lambda: run_keizoku(a, extra.split(",") if extra else []),
-                "keizoku@base": lambda: run_keizoku(a, extra.split(",") if extra else []),
-                "hf": lambda: run_hf(a), "fsdp": lambda: run_fsdp(a, extra.split(","))}[kind]()
+        rows = {"keizoku": lambda: run_keizoku(a, extra.split(",") if extra else []),  # keizoku@base too
+                "hf": lambda: run_hf(a), "fsdp": lambda: run_fsdp(a, extra.split(","))}[kind.removesuffix("@base")]()
         for row in rows:
             print("RESULT " + json.dumps(row), flush=True)
         return

@@ -24,25 +24,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import SHAPES
+from bench_train import SHAPES, llama_config
 
 
 def shard_shapes(shape: str, world: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, local shard shape) of every parameter of a Llama model: FSDP2 shards dim 0 into ``world`` chunks."""
-    s = SHAPES[shape]
-    h, f, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
-    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
-    rows = [("embed_tokens.weight", (v, h))]
-    for i in range(s["num_hidden_layers"]):
-        rows += [(f"layers.{i}.{name}", full) for name, full in (
-            ("self_attn.q_proj.weight", (h, h)), ("self_attn.k_proj.weight", (kv, h)),
-            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, h)),
-            ("mlp.gate_proj.weight", (f, h)), ("mlp.up_proj.weight", (f, h)), ("mlp.down_proj.weight", (h, f)),
-            ("input_layernorm.weight", (h,)), ("post_attention_layernorm.weight", (h,)))]
-    rows.append(("norm.weight", (h,)))
-    if not s["tie_word_embeddings"]:
-        rows.append(("lm_head.weight", (v, h)))
-    return [(name, (-(-full[0] // world), *full[1:])) for name, full in rows]
+    """(name, local shard shape) of every parameter of the Llama model (built on the meta device, as the benchmark
+    builds it): FSDP2 shards dim 0 into ``world`` chunks."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(shape, 8192))
+    return [(name, (-(-p.shape[0] // world), *p.shape[1:])) for name, p in model.named_parameters()]
 
 
 def main() -> None:
