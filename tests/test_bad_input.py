@@ -35,7 +35,7 @@ def test_bad_line_stops_with_path_and_line(tmp_path, tokenizer_dirs, name, raw, 
     assert not (tmp_path / "out/in_text_document.bin").exists()
     assert not (tmp_path / "out/in_text_document.idx").exists()
     assert not (tmp_path / "out/keizoku-manifest.json").exists()
-    assert not list((tmp_path / "out").glob("*.tmp"))
+    assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp" in p.name], "staged files left behind"
 
 
 @pytest.mark.parametrize("name,raw,message,category", CASES, ids=[c[0] for c in CASES])

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from conftest import EN_SAMPLE, JA_SAMPLE, keizoku, write_jsonl
 from keizoku.config import DataConfig, DatasetEntry
-from keizoku.data.blend import DataError, SampleSampler, build, resolve
+from keizoku.data.blend import DataError, MegatronTokenizerShim, SampleSampler, build, resolve
 
 SEQ = 64
 
@@ -36,8 +36,8 @@ def process_group(tmp_path_factory):
 
 
 def _build(data, cache, train_samples=400, eval_samples=16):
-    return build(data, seq_length=SEQ, train_samples=train_samples, eval_samples=eval_samples, eod=8001,
-                 vocab_size=8002, fingerprint="test", cache_dir=cache)
+    return build(data, seq_length=SEQ, train_samples=train_samples, eval_samples=eval_samples,
+                 tokenizer=MegatronTokenizerShim(8001, 8002, "test"), cache_dir=cache)
 
 
 def test_weighted_blend_is_megatron_gpt_dataset(tokenized, tmp_path):

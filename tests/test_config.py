@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, keizoku
-from keizoku.config import ConfigError, KeizokuConfig, defaults_yaml, load, save_resolved, validate
+from keizoku.config import ConfigError, KeizokuConfig, defaults_yaml, load_config, save_resolved, validate
 
 VALID = ["model.hf_path=some/model", "data.mock=true", "train.max_steps=10"]
 
@@ -20,24 +20,24 @@ def test_defaults_yaml_reads_back_as_the_defaults(tmp_path):
     assert OmegaConf.to_object(merged) == KeizokuConfig()
     path = tmp_path / "defaults.yaml"
     path.write_text(text)
-    cfg = load(path, VALID)
+    cfg = load_config(path, VALID)
     assert cfg.model.hf_path == "some/model" and cfg.data.seq_length == 4096
 
 
 def test_swallow_example(tmp_path):
-    cfg = load(ROOT / "examples/llama31_8b_cpt.yaml")
+    cfg = load_config(ROOT / "examples/llama31_8b_cpt.yaml")
     assert (cfg.data.seq_length, cfg.train.global_batch_size, cfg.optim.lr, cfg.optim.min_lr) == (8192, 1024, 2.5e-5, 2.5e-6)
     assert (cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.optim.betas, cfg.optim.eps) == ("cosine", 1000, (0.9, 0.95), 1e-8)
     assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.model.dtype) == (0.1, 1.0, "bf16")
     assert [e.weight for e in cfg.data.blend] == [0.9, 0.1] and sorted(cfg.data.validation) == ["en", "ja"]
     saved = save_resolved(cfg, tmp_path / "run")
-    assert load(saved) == cfg
+    assert load_config(saved) == cfg
 
 
 def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {hf_path: a}\ndata: {mock: true, seq_length: 128}\ntrain: {max_steps: 5}\n")
-    cfg = load(path, ["data.seq_length=256", "optim.betas=[0.8,0.9]"])
+    cfg = load_config(path, ["data.seq_length=256", "optim.betas=[0.8,0.9]"])
     assert cfg.data.seq_length == 256 and cfg.optim.betas == (0.8, 0.9)
     assert cfg.train.max_steps == 5 and cfg.optim.lr == KeizokuConfig().optim.lr
 
@@ -68,30 +68,30 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
 ])
 def test_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
-        load(None, VALID + overrides)
+        load_config(None, VALID + overrides)
     assert message in str(e.value)
 
 
 def test_data_parallel_divisibility():
-    cfg = load(None, VALID + ["train.global_batch_size=8", "train.micro_batch_size=2"])
+    cfg = load_config(None, VALID + ["train.global_batch_size=8", "train.micro_batch_size=2"])
     assert validate(cfg, world_size=2) == []
     assert validate(cfg, world_size=3) == [
         "train.global_batch_size: 8 is not divisible by train.micro_batch_size × data-parallel size = 2 × 3"]
 
 
 def test_profile_ranks_exist():
-    cfg = load(None, VALID + ["train.global_batch_size=8", "logging.profile_step=2", "logging.profile_ranks=[0,2]"])
+    cfg = load_config(None, VALID + ["train.global_batch_size=8", "logging.profile_step=2", "logging.profile_ranks=[0,2]"])
     assert validate(cfg, world_size=4) == []
     assert validate(cfg, world_size=2) == ["logging.profile_ranks: [2] not below the world size 2"]
 
 
 def test_bf16_gradient_reduction_only_where_micro_batches_are_summed_in_fp32():
-    cfg = load(None, VALID + ["parallel.reduce_dtype=bf16"])
+    cfg = load_config(None, VALID + ["parallel.reduce_dtype=bf16"])
     assert validate(cfg, world_size=2) == []  # auto: sharded on several GPUs, each micro batch reduced, summed in fp32
     message = "parallel.reduce_dtype: bf16 with unsharded gradient accumulation"
     assert message in validate(cfg, world_size=1)[0]  # auto: unsharded on one GPU
     with pytest.raises(ConfigError, match=message):  # asked for: refused whatever the world size
-        load(None, VALID + ["parallel.reduce_dtype=bf16", "parallel.grad_accumulation=unsharded"])
+        load_config(None, VALID + ["parallel.reduce_dtype=bf16", "parallel.grad_accumulation=unsharded"])
 
 
 def test_cli(tmp_path):

@@ -27,7 +27,7 @@ def test_writer_is_byte_identical_to_megatron_builder(tmp_path, vocab):
     writer.finalize()
     assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "mega.bin").read_bytes()
     assert (tmp_path / "ours.idx").read_bytes() == (tmp_path / "mega.idx").read_bytes()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mega.bin", "mega.idx", "ours.bin", "ours.idx"]
 
     ds = IndexedDataset(str(tmp_path / "ours"))
     non_empty = [d for d in docs if d]
@@ -38,6 +38,16 @@ def test_writer_is_byte_identical_to_megatron_builder(tmp_path, vocab):
     ours = IndexedDatasetReader(tmp_path / "ours")
     assert [ours.document(i).tolist() for i in range(len(docs))] == docs
     assert read_index_header(tmp_path / "ours.idx")["documents"] == len(docs)
+
+
+def test_staged_until_finalized(tmp_path):
+    """Nothing under the final names before finalize; after it, nothing else."""
+    w = IndexedDatasetWriter(tmp_path / "x", np.uint16)
+    w.add_chunk(np.arange(5), [2, 3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp.x.bin", ".tmp.x.lengths"]
+    w.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.idx"]
+    assert IndexedDatasetReader(tmp_path / "x").document(1).tolist() == [2, 3, 4]
 
 
 def test_abort_leaves_nothing(tmp_path):

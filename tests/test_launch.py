@@ -28,9 +28,9 @@ from launch_support import (  # noqa: F401
     write_config,
 )
 
-from keizoku.launch import allocation, port, profile, ranks, script
-from keizoku.launch.allocation import AllocationError
-from keizoku.launch.submit import prepare
+from keizoku.launch import driver, port, profile, ranks, schedulers, submit
+from keizoku.launch.schedulers import AllocationError, scheduler_named
+from keizoku.launch.submit import prepare_submission
 
 GOLDEN = DATA / "golden"
 
@@ -45,7 +45,7 @@ def read_env(name: str, **extra) -> dict:
     return env
 
 
-# --- allocation -------------------------------------------------------------------------------------------------
+# --- allocations -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, hosts", [
     ("node[1-2]", ["node1", "node2"]),
@@ -55,7 +55,7 @@ def read_env(name: str, **extra) -> dict:
     ("single", ["single"]),
 ])
 def test_slurm_nodelist_expands_like_scontrol(spec, hosts):
-    assert allocation.expand_nodelist(spec) == hosts
+    assert schedulers.expand_nodelist(spec) == hosts
     if shutil.which("scontrol"):  # the real thing agrees
         out = subprocess.run(["scontrol", "show", "hostnames", spec], capture_output=True, text=True).stdout
         assert out.split() == hosts
@@ -63,50 +63,55 @@ def test_slurm_nodelist_expands_like_scontrol(spec, hosts):
 
 def test_slurm_nodelist_errors_name_the_variable():
     with pytest.raises(AllocationError, match=r"SLURM_JOB_NODELIST: unbalanced"):
-        allocation.expand_nodelist("gpu[1-2")
+        schedulers.expand_nodelist("gpu[1-2")
     with pytest.raises(AllocationError, match=r"bad range 'x'"):
-        allocation.expand_nodelist("gpu[x]")
+        schedulers.expand_nodelist("gpu[x]")
 
 
 def test_grid_engine_allocation_from_a_real_job(tmp_path):
     hostfile = tmp_path / "pe_hostfile"
     shutil.copy(DATA / "gridengine.pe_hostfile", hostfile)  # "vm 2 all.q@vm UNDEFINED", from a real job
-    alloc = allocation.detect(read_env("gridengine.env", PE_HOSTFILE=str(hostfile)), hostname="vm")
+    alloc = schedulers.detect_allocation(read_env("gridengine.env", PE_HOSTFILE=str(hostfile)), hostname="vm")
     assert (alloc.scheduler, alloc.job_id, alloc.hosts, alloc.slots) == ("gridengine", "2", ["vm"], [2])
     # TSUBAME-style: several hosts, one queue line each, a host listed for two queues; the batch host goes first
     hostfile.write_text("r1n1 4 node_f.q@r1n1 UNDEFINED\nr2n5 4 node_f.q@r2n5 UNDEFINED\n"
                         "r2n5 2 other.q@r2n5 UNDEFINED\nr3n2 4 node_f.q@r3n2 UNDEFINED\n")
-    alloc = allocation.detect({"JOB_ID": "77", "PE_HOSTFILE": str(hostfile)}, hostname="r2n5.t4.gsic.titech.ac.jp")
+    alloc = schedulers.detect_allocation({"JOB_ID": "77", "PE_HOSTFILE": str(hostfile)},
+                                         hostname="r2n5.t4.gsic.titech.ac.jp")
     assert alloc.hosts == ["r2n5", "r1n1", "r3n2"] and alloc.slots == [6, 4, 4]
     hostfile.write_text("r1n1 four node_f.q@r1n1 UNDEFINED\n")
     with pytest.raises(AllocationError, match=rf"{hostfile}:1: expected 'host slots queue processors'"):
-        allocation.detect({"JOB_ID": "77", "PE_HOSTFILE": str(hostfile)})
+        schedulers.detect_allocation({"JOB_ID": "77", "PE_HOSTFILE": str(hostfile)})
     with pytest.raises(AllocationError, match="PE_HOSTFILE=/nonexistent: cannot read"):
-        allocation.detect({"JOB_ID": "77", "PE_HOSTFILE": "/nonexistent"})
+        schedulers.detect_allocation({"JOB_ID": "77", "PE_HOSTFILE": "/nonexistent"})
+    # a job without a parallel environment: this host, NSLOTS slots
+    alloc = schedulers.detect_allocation({"JOB_ID": "78", "SGE_ROOT": "/sge", "NSLOTS": "3"}, hostname="r1n1")
+    assert (alloc.scheduler, alloc.hosts, alloc.slots) == ("gridengine", ["r1n1"], [3])
 
 
 def test_pbs_allocation_from_a_real_format_nodefile():
     env = read_env("pbs.env", PBS_NODEFILE=str(DATA / "pbs.nodefile"))
-    alloc = allocation.detect(env, hostname="hnode017.abci.local")
+    alloc = schedulers.detect_allocation(env, hostname="hnode017.abci.local")
     assert alloc.scheduler == "pbs" and alloc.job_id == "412345.pbs1"
     assert alloc.hosts == ["hnode017.abci.local", "hnode001.abci.local"] and alloc.slots == [8, 8]
-    assert allocation.parse_nodefile("a slots=4\nb slots=4\n# comment\n") == [("a", 4), ("b", 4)]
+    assert schedulers.parse_nodefile("a slots=4\nb slots=4\n# comment\n") == [("a", 4), ("b", 4)]
 
 
 def test_slurm_allocation_from_a_real_batch_shell():
-    alloc = allocation.detect(read_env("slurm-batch.env"), hostname="vm")
+    alloc = schedulers.detect_allocation(read_env("slurm-batch.env"), hostname="vm")
     assert (alloc.scheduler, alloc.job_id, alloc.hosts, alloc.slots, alloc.batch_host) == \
         ("slurm", "2", ["node1", "node2"], [2, 2], "node1")
-    alloc = allocation.detect(read_env("slurm-batch.env", SLURMD_NODENAME="node2"))
+    alloc = schedulers.detect_allocation(read_env("slurm-batch.env", SLURMD_NODENAME="node2"))
     assert alloc.hosts == ["node2", "node1"]  # rank 0 on the batch host
+    assert alloc.first_listed == "node1"  # where srun puts task 0: launcher mpi with srun refuses this job
 
 
 def test_keizoku_hosts_narrows_and_checks_the_allocation():
     env = read_env("slurm-batch.env", KEIZOKU_HOSTS="node2,node2")
-    assert allocation.detect(env).hosts == ["node2", "node2"]  # two node launchers on one host
+    assert schedulers.detect_allocation(env).hosts == ["node2", "node2"]  # two node launchers on one host
     with pytest.raises(AllocationError, match=r"KEIZOKU_HOSTS: 'node9' is not in this job's allocation"):
-        allocation.detect(read_env("slurm-batch.env", KEIZOKU_HOSTS="node1 node9"))
-    local = allocation.detect({"KEIZOKU_HOSTS": "localhost,localhost", "KEIZOKU_LOCAL_JOB_ID": "j1"})
+        schedulers.detect_allocation(read_env("slurm-batch.env", KEIZOKU_HOSTS="node1 node9"))
+    local = schedulers.detect_allocation({"KEIZOKU_HOSTS": "localhost,localhost", "KEIZOKU_LOCAL_JOB_ID": "j1"})
     assert (local.scheduler, local.job_id, local.hosts) == ("local", "j1", ["localhost", "localhost"])
 
 
@@ -183,38 +188,38 @@ def test_two_jobs_on_one_node_cannot_pick_the_same_port(tmp_path):
 def test_shipped_profiles_load_and_explain_what_is_missing():
     for name in ("local", "slurm", "tsubame4", "abci3"):
         assert (profile.SHIPPED / f"{name}.yaml").exists()
-    assert profile.load("slurm").starter == "srun"
+    assert profile.load_profile("slurm").starter == "srun"
     with pytest.raises(profile.ProfileError, match=r"profile tsubame4: group: required by this profile; pass "
                                                    r"--set group="):
-        profile.load("tsubame4")
-    p = profile.load("tsubame4", ["group=tga123", "nodes=4", "env.NCCL_DEBUG=INFO"])
+        profile.load_profile("tsubame4")
+    p = profile.load_profile("tsubame4", ["group=tga123", "nodes=4", "env.NCCL_DEBUG=INFO"])
     assert (p.group, p.nodes, p.env["NCCL_DEBUG"], p.scheduler) == ("tga123", 4, "INFO", "gridengine")
     with pytest.raises(profile.ProfileError, match=r"profile 'nope' not found \(known: abci3, local, slurm, tsubame4"):
-        profile.load("nope")
+        profile.load_profile("nope")
     with pytest.raises(profile.ProfileError, match=r"warning_signal_s: 300 s is not less than the walltime"):
-        profile.load("slurm", ["walltime=00:05:00"])
+        profile.load_profile("slurm", ["walltime=00:05:00"])
     with pytest.raises(profile.ProfileError, match=r"walltime: 'soon' is not HH:MM:SS"):
-        profile.load("slurm", ["walltime=soon"])
+        profile.load_profile("slurm", ["walltime=soon"])
 
 
 def test_user_profiles_extend_shipped_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("KEIZOKU_PROFILE_PATH", str(tmp_path))
     (tmp_path / "tsubame4.yaml").write_text("base: tsubame4\ngroup: tga999\nsetup: [module load cuda/12.8]\n")
-    p = profile.load("tsubame4")  # the user's file of the same name, on top of the shipped one
+    p = profile.load_profile("tsubame4")  # the user's file of the same name, on top of the shipped one
     assert (p.group, p.setup, p.gpus_per_node) == ("tga999", ["module load cuda/12.8"], 4)
-    assert profile.available()["tsubame4"] == tmp_path / "tsubame4.yaml"
+    assert profile.available_profiles()["tsubame4"] == tmp_path / "tsubame4.yaml"
     (tmp_path / "bad.yaml").write_text("base: slurm\nnodez: 3\n")
     with pytest.raises(profile.ProfileError, match=r"bad.yaml: nodez: Key 'nodez' not in 'Profile'"):
-        profile.load("bad")
+        profile.load_profile("bad")
     (tmp_path / "mpi.yaml").write_text("base: slurm\nlauncher: mpi\nstarter: qrsh\n")
     with pytest.raises(profile.ProfileError, match="starter: launcher mpi needs srun or mpirun"):
-        profile.load("mpi")
+        profile.load_profile("mpi")
 
 
 # --- job scripts (golden files) ---------------------------------------------------------------------------------
 
 def golden_script(name: str, sets: list[str], launcher_sets: list[str] = (), container: str | None = None) -> str:
-    from keizoku.config import load
+    from keizoku.config import load_config
 
     cfg_text = "run_dir: runs/llama-ja\nmodel: {hf_path: /models/Llama-3.1-8B}\ndata: {mock: true}\n" \
                "train: {max_steps: 1000, global_batch_size: 64}\n"
@@ -224,11 +229,11 @@ def golden_script(name: str, sets: list[str], launcher_sets: list[str] = (), con
     with tempfile.TemporaryDirectory() as d:
         cfg_path = Path(d) / "run.yaml"
         cfg_path.write_text(cfg_text)
-        cfg = load(cfg_path)
-    prof = profile.load(name, [*sets, *launcher_sets, "python=/opt/venv/bin/python"])
-    plan, _, text = prepare(cfg, Path("configs/run.yaml"), ["optim.lr=1e-5"], prof, workdir=work,
-                            sid="20250101-000000", container=Path(container) if container else None,
-                            command="keizoku submit configs/run.yaml optim.lr=1e-5 ...")
+        cfg = load_config(cfg_path)
+    prof = profile.load_profile(name, [*sets, *launcher_sets, "python=/opt/venv/bin/python"])
+    plan, _, text = prepare_submission(cfg, Path("configs/run.yaml"), ["optim.lr=1e-5"], prof, workdir=work,
+                                       sid="20250101-000000", container=Path(container) if container else None,
+                                       command="keizoku submit configs/run.yaml optim.lr=1e-5 ...")
     from keizoku import __version__
 
     return text.replace(f"keizoku {__version__} submit", "keizoku VERSION submit") + "\n# plan:\n" + plan.to_json()
@@ -251,20 +256,80 @@ def test_job_scripts_match_golden_files(case, name, sets, container):
 
 
 def test_submit_commands_chain_and_job_ids():
-    p = profile.load("abci3", ["group=gaa50000"])
-    s = Path("/r/job.sh")
-    assert script.submit_command(p, s) == ["qsub", "/r/job.sh"]
-    assert script.submit_command(p, s, "412345.pbs1") == ["qsub", "-W", "depend=afterany:412345.pbs1", "/r/job.sh"]
-    g = profile.load("tsubame4", ["group=tga1"])
-    assert script.submit_command(g, s, "77") == ["qsub", "-terse", "-g", "tga1", "-hold_jid", "77", "/r/job.sh"]
-    assert script.submit_command(profile.load("slurm"), s, "9") == \
+    pbs, ge, slurm = (scheduler_named(n) for n in ("pbs", "gridengine", "slurm"))
+    p = profile.load_profile("abci3", ["group=gaa50000"])
+    s = "/r/job.sh"
+    assert pbs.submit_command(p, s) == ["qsub", "/r/job.sh"]
+    assert pbs.submit_command(p, s, "412345.pbs1") == ["qsub", "-W", "depend=afterany:412345.pbs1", "/r/job.sh"]
+    g = profile.load_profile("tsubame4", ["group=tga1"])
+    assert ge.submit_command(g, s, "77") == ["qsub", "-terse", "-g", "tga1", "-hold_jid", "77", "/r/job.sh"]
+    assert slurm.submit_command(profile.load_profile("slurm"), s, "9") == \
         ["sbatch", "--parsable", "--dependency=afterany:9", "/r/job.sh"]
-    assert script.parse_job_id("pbs", "412345.pbs1\n") == "412345.pbs1"
-    assert script.parse_job_id("gridengine", "77\n") == "77"
-    assert script.parse_job_id("gridengine", 'Your job 78 ("x") has been submitted\n') == "78"
-    assert script.parse_job_id("slurm", "9;cluster\n") == "9"
+    assert scheduler_named("local").submit_command(profile.load_profile("local"), s, None) == ["bash", "/r/job.sh"]
+    assert pbs.parse_job_id("412345.pbs1\n") == "412345.pbs1"
+    assert ge.parse_job_id("77\n") == "77"
+    assert ge.parse_job_id('Your job 78 ("x") has been submitted\n') == "78"
+    assert slurm.parse_job_id("9;cluster\n") == "9"
     with pytest.raises(ValueError, match="cannot read a job id"):
-        script.parse_job_id("slurm", "sbatch: error: invalid partition\n")
+        slurm.parse_job_id("sbatch: error: invalid partition\n")
+
+
+def test_queue_states_from_each_schedulers_output():
+    """squeue/qstat output as each prints it (PBS Pro's `qstat -x` shortens a long server name with '*')."""
+    squeue = "812|RUNNING|None\n813|PENDING|Dependency\n"
+    assert scheduler_named("slurm").parse_states(squeue, ["812", "813"]) == \
+        {"812": ("running", ""), "813": ("pending", "Dependency")}
+    qstat_ge = ("job-ID  prior   name       user         state submit/start at     queue  slots ja-task-ID\n"
+                "-----------------------------------------------------------------------------------------\n"
+                "     77 0.55500 keizoku-ru root         r     05/01/2025 10:00:01 all.q@vm   2\n"
+                "     78 0.00000 keizoku-ru root         hqw   05/01/2025 10:00:01            2\n")
+    assert scheduler_named("gridengine").parse_states(qstat_ge, ["77", "78", "79"]) == \
+        {"77": ("running", ""), "78": ("held (waiting for the previous job)", "")}
+    qstat_pbs = ("Job id            Name             User              Time Use S Queue\n"
+                 "----------------  ---------------- ----------------  -------- - -----\n"
+                 "412345.pbs*       keizoku-llama    user1             01:02:03 F rt_HF\n"
+                 "412346.pbs*       keizoku-llama    user1                    0 H rt_HF\n")
+    assert scheduler_named("pbs").parse_states(qstat_pbs, ["412345.pbs1", "412346.pbs1"]) == \
+        {"412345.pbs1": ("finished", ""), "412346.pbs1": ("held (waiting for the previous job)", "")}
+    assert scheduler_named("local").job_states(["local-1"]) == {}  # nothing to ask
+
+
+def test_walltime_format_is_each_schedulers():
+    """Slurm takes D-HH:MM:SS; Grid Engine's h_rt and PBS's walltime do not (qsub would refuse the job)."""
+    assert profile.load_profile("slurm", ["walltime=1-00:00:00"]).walltime == "1-00:00:00"
+    assert scheduler_named("slurm").walltime_seconds("1-02:00:00") == 93600
+    for name, option in (("tsubame4", "-l h_rt"), ("abci3", "-l walltime")):
+        with pytest.raises(profile.ProfileError, match=rf"walltime: '1-00:00:00' is D-HH:MM:SS, which \w+'s "
+                                                       rf"{option} does not take; write 24:00:00"):
+            profile.load_profile(name, ["group=g1", "walltime=1-00:00:00"])
+        assert profile.load_profile(name, ["group=g1", "walltime=36:00:00"]).walltime == "36:00:00"
+    assert schedulers.format_walltime(2 * 86400 + 61) == "48:01:01"
+
+
+def test_every_scheduler_keeps_the_protocol():
+    """Each registered scheduler: its native starter is one the driver has and one it allows; a profile may
+    name it; a starter it does not allow is refused, naming the scheduler that does."""
+    assert list(schedulers.SCHEDULERS)[-1] == "local"  # the fallback, claimed by no environment
+    for name, s in schedulers.SCHEDULERS.items():
+        assert s.name == name and s.native_starter in driver.STARTERS and s.native_starter in s.starters
+        assert set(s.starters) <= set(driver.STARTERS)
+        assert not s.in_job({})
+    with pytest.raises(profile.ProfileError, match=r"starter: qrsh needs scheduler: gridengine \(with scheduler: "
+                                                   r"slurm use srun, mpirun, ssh or local\)"):
+        profile.load_profile("slurm", ["starter=qrsh"])
+    with pytest.raises(profile.ProfileError, match=r"starter: srun needs scheduler: slurm \(with scheduler: "
+                                                   r"local use local, mpirun or ssh\)"):
+        profile.load_profile("local", ["starter=srun"])
+    with pytest.raises(profile.ProfileError, match=r"nodes: scheduler local with starter local runs on this machine"):
+        profile.load_profile("local", ["nodes=2"])
+
+
+def test_launch_refuses_a_starter_of_another_scheduler(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"run_dir: {tmp_path}/run\nmodel: {{hf_path: m}}\ndata: {{mock: true}}\ntrain: {{max_steps: 5}}\n")
+    proc = cli("launch", cfg, "--starter", "qrsh", env={"KEIZOKU_LOCAL_JOB_ID": "x1"})
+    assert proc.returncode == 2 and "starter: qrsh needs scheduler: gridengine" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "jobs").exists()  # refused before anything ran
 
 
 def test_dry_run_prints_the_script_and_writes_nothing(tmp_path):
@@ -424,18 +489,30 @@ def test_container_wraps_training_and_runs_the_driver_standalone(tiny, tmp_path)
     again = subprocess.run(["bash", str(job_script)], capture_output=True, text=True, env=host_env, timeout=120)
     assert again.returncode == 0 and "training is complete (step 2 of 2)" in again.stderr, again.stderr
     lines = calls.read_text().splitlines()
-    assert any("keizoku.launch.progress total-steps" in c for c in lines)  # the completeness check, inside
+    assert any("keizoku.launch.status total-steps" in c for c in lines)  # the completeness check, inside
     agent = next(c for c in lines if "keizoku.launch.agent" in c)
     assert agent.startswith(f"exec --nv -B {tmp_path} -B {run} ") and f"-B /data {image} {sys.executable}" in agent
 
 
-def test_driver_modules_need_only_the_standard_library_of_python_3_8():
-    """The driver runs on a compute node's own python3 under --container (RHEL 9: 3.9; checked as 3.8)."""
+def test_driver_modules_need_only_the_standard_library_of_python_3_8(tmp_path):
+    """The driver runs on a compute node's own python3 under --container (RHEL 9: 3.9; checked as 3.8): the
+    files submit copies (LAUNCH_FILES) parse as Python 3.8, import only the standard library and each other (the
+    driver: keizoku's modules, else the copies beside it), and import so without site-packages."""
     import ast
 
-    src = Path(allocation.__file__).parent
-    for name in ("driver.py", "allocation.py", "port.py"):
-        tree = ast.parse((src / name).read_text(), feature_version=(3, 8))
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert imported - {"keizoku", "allocation", "port"} <= set(sys.stdlib_module_names), name
+    names = {f.name for f in submit.LAUNCH_FILES}
+    assert names == {"driver.py", "schedulers.py", "port.py", "rundir.py"}
+    siblings = {n[:-3] for n in names}
+    for path in submit.LAUNCH_FILES:
+        tree = ast.parse(path.read_text(), feature_version=(3, 8))
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.If) and getattr(t.test, "id", "") ==
+                   "TYPE_CHECKING" for b in t.body for n in ast.walk(b)}  # annotations only, never run
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in guarded]
+        imported = {a.name.split(".")[0] for n in imports if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in imports if isinstance(n, ast.ImportFrom) and n.module}
+        allowed = siblings | ({"keizoku"} if path.name == "driver.py" else set())
+        assert imported - allowed <= set(sys.stdlib_module_names), path.name
+        shutil.copy(path, tmp_path / path.name)
+    check = "import sys, driver; assert 'keizoku' not in sys.modules; print(driver.STARTERS)"
+    proc = subprocess.run([sys.executable, "-S", "-c", check], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "srun" in proc.stdout, proc.stderr

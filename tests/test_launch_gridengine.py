@@ -27,7 +27,8 @@ from launch_support import (  # noqa: F401
     write_config,
 )
 
-from keizoku.launch import allocation
+from keizoku.launch import schedulers
+from keizoku.launch.schedulers import GridEngine
 
 
 @pytest.fixture(autouse=True)
@@ -51,11 +52,11 @@ def test_allocation_from_a_real_job(tmp_path):
     env = dict(line.split("=", 1) for line in (tmp_path / "job.env").read_text().splitlines() if "=" in line)
     assert env["NHOSTS"] == "1" and env["NSLOTS"] == "2" and env["PE"] == "smp"
     env["PE_HOSTFILE"] = str(tmp_path / "pe_hostfile")  # the original is gone with the job
-    alloc = allocation.detect(env)
+    alloc = schedulers.detect_allocation(env)
     assert alloc.scheduler == "gridengine" and alloc.job_id == env["JOB_ID"]
-    assert [allocation.short(h) for h in alloc.hosts] == [allocation.short(sge_host())] and alloc.slots == [2]
+    assert [schedulers.short(h) for h in alloc.hosts] == [schedulers.short(sge_host())] and alloc.slots == [2]
     host = alloc.hosts[0]
-    assert allocation.detect({**env, "KEIZOKU_HOSTS": f"{host},{host}"}).hosts == [host, host]
+    assert schedulers.detect_allocation({**env, "KEIZOKU_HOSTS": f"{host},{host}"}).hosts == [host, host]
     task = (tmp_path / "task.env").read_text()
     assert f"JOB_ID={env['JOB_ID']}\n" in task  # a qrsh -inherit task belongs to the job
 
@@ -98,7 +99,7 @@ def test_notify_at_h_rt_checkpoints_and_the_chain_resumes(tiny, tmp_path):
     jobs = job_records(run)
     first, second, third = (jobs[i] for i in ids)
     text = logs(run)
-    assert (first["exit_status"], first["stop_reason"]) == (3, "SIGUSR2 received"), text
+    assert (first["exit_status"], first["stop_reason"]) == (3, f"{GridEngine.warning_signal} received"), text
     assert first["world_size"] == 2 and first["starter"] == "qrsh"
     assert 30 <= first["ended"] - first["started"] <= 45  # h_rt, not the kill 5 s later
     assert f"resumed from {run}/checkpoints/step_{saved:08d}" in text

@@ -21,7 +21,8 @@ from launch_support import (  # noqa: F401
     write_config,
 )
 
-from keizoku.launch import agent, allocation, ranks
+from keizoku.launch import agent, ranks, schedulers
+from keizoku.launch.schedulers import Slurm
 
 
 def read_env(path: Path) -> dict:
@@ -36,7 +37,7 @@ def test_ranks_from_a_real_two_node_job(tmp_path):
     subprocess.run(["sbatch", "--wait", "-N", "2", "--ntasks-per-node=2", "-t", "2", "-o", str(tmp_path / "out"),
                     str(job)], check=True, capture_output=True, timeout=120)
     batch = read_env(tmp_path / "batch.env")
-    alloc = allocation.detect(batch)
+    alloc = schedulers.detect_allocation(batch)
     expected = subprocess.run(["scontrol", "show", "hostnames", batch["SLURM_JOB_NODELIST"]], capture_output=True,
                               text=True).stdout.split()
     assert alloc.scheduler == "slurm" and sorted(alloc.hosts) == sorted(expected) and len(expected) == 2
@@ -83,7 +84,7 @@ def test_two_nodes_chain_signal_checkpoint_resume(tiny, tmp_path):
     jobs = job_records(run)
     first, second, third = (jobs[i] for i in ids)
     assert first["hosts"] == ["node1", "node2"] and first["world_size"] == 2
-    assert (first["exit_status"], first["stop_reason"]) == (3, "SIGUSR1 received"), logs(run)
+    assert (first["exit_status"], first["stop_reason"]) == (3, f"{Slurm.warning_signal} received"), logs(run)
     assert second["exit_status"] == 0 and third["exit_status"] == 0, logs(run)
     out = {i: (run / f"logs/slurm-{i}.out").read_text() for i in ids}
     saved = int(out[ids[0]].split("saved step ")[1].split(";")[0])

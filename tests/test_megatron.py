@@ -32,10 +32,11 @@ import pytest
 import torch
 
 from conftest import ROOT, SAMPLE_TOKENIZER, keizoku, tiny_llama_and_data
-from keizoku.config import ConfigError, load, validate
+from keizoku.config import ConfigError, load_config, validate
 from keizoku.data import blend
 from keizoku.engines.megatron import plan as P
 from keizoku.engines.megatron import versions
+from keizoku.schedule import LRSchedule, run_length
 
 FIELDS = json.loads((Path(__file__).parent / "assets/megatron/bridge-fields.json").read_text())
 
@@ -75,9 +76,7 @@ def overrides(setup: Path, *more: str) -> list[str]:
 
 
 def blends(cfg):
-    steps = P.train_iters(cfg)
-    train = blend.blend_of(blend.resolve(cfg.data.blend, "data.blend"),
-                           steps * cfg.train.global_batch_size * cfg.data.seq_length)
+    train = blend.blend_of(blend.resolve(cfg.data.blend, "data.blend"), run_length(cfg).tokens)
     valid = None
     for name, entries in cfg.data.validation.items():
         valid = blend.blend_of(blend.resolve(entries, f"data.validation.{name}"), None)
@@ -86,7 +85,7 @@ def blends(cfg):
 
 def make_plan(cfg, release: str, world_size: int = 1, pretrained: str | None = "/imports/x"):
     train, valid = blends(cfg)
-    return P.plan(cfg, release=release, world_size=world_size, train_blend=train, valid_blend=valid,
+    return P.plan_megatron(cfg, release=release, world_size=world_size, train_blend=train, valid_blend=valid,
                   pretrained_checkpoint=pretrained)
 
 
@@ -145,12 +144,12 @@ P_RELEASES = sorted(FIELDS)
 ])
 def test_impossible_combinations_are_refused(setup, more, message):
     with pytest.raises(ConfigError) as e:
-        load(None, overrides(setup, *more))
+        load_config(None, overrides(setup, *more))
     assert message in str(e.value)
 
 
 def test_world_size_checks_use_the_model_parallel_layout(setup):
-    cfg = load(None, overrides(setup, "megatron.tensor_parallel=2", "megatron.pipeline_parallel=2",
+    cfg = load_config(None, overrides(setup, "megatron.tensor_parallel=2", "megatron.pipeline_parallel=2",
                                "megatron.sequence_parallel=true"))
     assert validate(cfg, world_size=8) == []  # data-parallel 2: 8 % (2 × 2) == 0
     assert any("world size 6 is not divisible by tensor × pipeline × context parallel = 2 × 2 × 1" in e
@@ -159,7 +158,7 @@ def test_world_size_checks_use_the_model_parallel_layout(setup):
     cfg.parallel.data_parallel_size = 4
     assert any("parallel.data_parallel_size: 4 differs from world size / (tensor × pipeline × context parallel) = 2"
                in e for e in validate(cfg, world_size=8))
-    torch_cfg = load(None, overrides(setup, "engine=torch"))
+    torch_cfg = load_config(None, overrides(setup, "engine=torch"))
     assert validate(torch_cfg, world_size=1) == []  # the megatron section means nothing to engine: torch
 
 
@@ -180,7 +179,7 @@ def test_plan_uses_only_fields_of_each_release(setup, release, variant):
             "mock+random+te": ["data.blend=[]", "data.validation={}", "data.mock=true", "model.init=random",
                                "megatron.transformer_impl=transformer_engine", "megatron.precision=fp8",
                                "megatron.overrides={model.apply_rope_fusion: false, ddp.bucket_size: 1000000}"]}
-    cfg = load(None, overrides(setup, *more[variant]))
+    cfg = load_config(None, overrides(setup, *more[variant]))
     p = make_plan(cfg, release, world_size=16)
     fields = FIELDS[release]["classes"]
     assert P.unknown_fields(p, fields) == []
@@ -191,7 +190,7 @@ def test_plan_uses_only_fields_of_each_release(setup, release, variant):
 
 
 def test_an_unknown_field_is_reported_for_the_release_that_lacks_it(setup):
-    cfg = load(None, overrides(setup))
+    cfg = load_config(None, overrides(setup))
     p = make_plan(cfg, "0.6")
     p["train"]["eval_iters"] = 1  # 0.6 moved it to ValidationConfig: a plan for 0.6 must not put it here…
     p["model"]["no_such_field"] = 1
@@ -237,7 +236,7 @@ def test_every_setting_lands_in_its_bridge_field(bridge, setup, monkeypatch, tmp
 
     resume = tmp_path / "elsewhere"
     resume.mkdir()
-    cfg = load(None, overrides(
+    cfg = load_config(None, overrides(
         setup, "train.seed=7", "data.seed=99", f"data.cache_dir={tmp_path / 'cache'}", "optim.lr=2e-3",
         "optim.min_lr=1e-4", "optim.betas=[0.85,0.97]", "optim.eps=1e-7", "optim.weight_decay=0.05",
         "optim.grad_clip=0.5", "schedule.kind=wsd", "schedule.warmup_steps=4", "schedule.decay_fraction=0.25",
@@ -300,7 +299,7 @@ def test_every_setting_lands_in_its_bridge_field(bridge, setup, monkeypatch, tmp
 
 def test_fp32_and_max_tokens(bridge, setup, monkeypatch):
     # 10,240 tokens at 8 × 64 tokens per step: 20 steps
-    cfg = load(None, overrides(setup, "model.dtype=fp32", "train.max_steps=null", "train.max_tokens=10240",
+    cfg = load_config(None, overrides(setup, "model.dtype=fp32", "train.max_steps=null", "train.max_tokens=10240",
                                "eval.interval=0", "megatron.distributed_optimizer=false",
                                "megatron.overlap_param_gather=false"))
     c = build(setup, cfg, world_size=1, monkeypatch=monkeypatch)
@@ -312,7 +311,7 @@ def test_fp32_and_max_tokens(bridge, setup, monkeypatch):
 
 
 def test_full_recompute_layers_is_megatrons_block_recompute(bridge, setup):
-    model = make_plan(load(None, overrides(setup, "model.full_recompute_layers=3")), bridge.release)["model"]
+    model = make_plan(load_config(None, overrides(setup, "model.full_recompute_layers=3")), bridge.release)["model"]
     assert (model["recompute_granularity"], model["recompute_method"], model["recompute_num_layers"]) == \
         ("full", "block", 3)
 
@@ -320,7 +319,7 @@ def test_full_recompute_layers_is_megatrons_block_recompute(bridge, setup):
 def test_bf16_optimizer_state_is_megatrons_precision_aware_optimizer(bridge, setup, monkeypatch):
     from keizoku.engines.megatron.trainer import missing_packages
 
-    cfg = load(None, overrides(setup, "optim.state_dtype=bf16"))
+    cfg = load_config(None, overrides(setup, "optim.state_dtype=bf16"))
     o = make_plan(cfg, bridge.release)["optimizer"]
     assert o["use_precision_aware_optimizer"] and o["use_distributed_optimizer"]
     assert o["exp_avg_dtype"] == o["exp_avg_sq_dtype"] == "DTYPE:bfloat16"
@@ -336,7 +335,7 @@ def test_bf16_optimizer_state_is_megatrons_precision_aware_optimizer(bridge, set
 def test_fp8_recipes_name_bridge_presets(bridge, setup, recipe, preset):
     from megatron.bridge.training.mixed_precision import get_mixed_precision_config
 
-    cfg = load(None, overrides(setup, "megatron.transformer_impl=transformer_engine", "megatron.precision=fp8",
+    cfg = load_config(None, overrides(setup, "megatron.transformer_impl=transformer_engine", "megatron.precision=fp8",
                                f"megatron.fp8_recipe={recipe}"))
     p = make_plan(cfg, bridge.release)
     assert p["container"]["mixed_precision"] == preset
@@ -347,32 +346,31 @@ def test_fp8_recipes_name_bridge_presets(bridge, setup, recipe, preset):
 def test_a_field_the_release_lacks_is_an_error(bridge, setup):
     from keizoku.engines.megatron import container
 
-    cfg = load(None, overrides(setup, "megatron.overrides={ddp.no_such_knob: 1}"))
+    cfg = load_config(None, overrides(setup, "megatron.overrides={ddp.no_such_knob: 1}"))
     provider = container.hf_bridge(cfg.model.hf_path, False).to_megatron_provider(load_weights=False)
     with pytest.raises(container.BridgeError, match="DistributedDataParallelConfig .* no field.*no_such_knob"):
         container.build(make_plan(cfg, bridge.release), provider)
 
 
-@pytest.mark.parametrize("kind, warmup", [("cosine", 0), ("cosine", 5), ("wsd", 5), ("constant", 5)])
+@pytest.mark.parametrize("kind, warmup", [("cosine", 0), ("cosine", 5), ("wsd", 5), ("constant", 5), ("cosine", 40)])
 def test_megatron_scheduler_gives_keizokus_learning_rates(bridge, setup, monkeypatch, kind, warmup):
     from megatron.bridge.training.optim import _get_scheduler
 
-    from keizoku.train.schedule import lr_at
-
     steps = 40
-    cfg = load(None, overrides(setup, f"schedule.kind={kind}", f"schedule.warmup_steps={warmup}",
-                               f"train.max_steps={steps}", "optim.lr=1e-3", "optim.min_lr=1e-4"))
+    cfg = load_config(None, overrides(setup, f"schedule.kind={kind}", f"schedule.warmup_steps={warmup}",
+                                      f"train.max_steps={steps}", "optim.lr=1e-3", "optim.min_lr=1e-4"))
+    schedule = LRSchedule.of(cfg.optim, cfg.schedule, steps)
     c = build(setup, cfg, world_size=1, monkeypatch=monkeypatch)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = _get_scheduler(c.optimizer, c.scheduler, optimizer)
     megatron, ours = [], []
     for k in range(steps):  # the lr optimizer step k uses; Megatron steps the scheduler by the global batch
         megatron.append(optimizer.param_groups[0]["lr"])
-        ours.append(lr_at(k, steps, cfg.optim, cfg.schedule))
+        ours.append(schedule.lr_at(k))
         scheduler.step(increment=c.train.global_batch_size)
     assert megatron[:warmup] == pytest.approx(ours[:warmup], rel=1e-12)  # warmup: identical
     assert megatron[-1] == pytest.approx(ours[-1], rel=1e-12)  # the last step: min_lr (or lr)
-    if kind == "cosine" and warmup:  # the decay starts one step earlier: at most 1/(steps − W) of it
+    if kind == "cosine" and 0 < warmup < steps:  # the decay starts one step earlier: at most 1/(steps − W) of it
         assert max(abs(a - b) for a, b in zip(megatron, ours)) <= (1e-3 - 1e-4) * math.pi / (steps - warmup)
         assert megatron != pytest.approx(ours, rel=1e-9)
     else:
@@ -387,7 +385,7 @@ def test_bridge_dataset_path_gives_the_torch_engines_samples(bridge, setup, monk
 
     from keizoku.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-    cfg = load(None, overrides(setup, "data.seed=4321", f"data.cache_dir={tmp_path / 'bridge-cache'}"))
+    cfg = load_config(None, overrides(setup, "data.seed=4321", f"data.cache_dir={tmp_path / 'bridge-cache'}"))
     c = build(setup, cfg, world_size=1, monkeypatch=monkeypatch)
     c.dataset.tokenizer = build_tokenizer(c.tokenizer)
     samples = c.train.train_iters * c.train.global_batch_size
@@ -396,8 +394,8 @@ def test_bridge_dataset_path_gives_the_torch_engines_samples(bridge, setup, monk
     try:
         theirs, _, _ = pretrain_train_valid_test_datasets_provider([samples, 8, 0], c.dataset)
         tok = load_tokenizer(cfg.model.hf_path)
-        common = dict(seq_length=64, train_samples=samples, eval_samples=8, eod=tok.eos_id,
-                      vocab_size=tok.vocab_size, fingerprint=tokenizer_fingerprint(tok))
+        common = dict(seq_length=64, train_samples=samples, eval_samples=8,
+                      tokenizer=blend.MegatronTokenizerShim(tok.eos_id, tok.vocab_size, tokenizer_fingerprint(tok)))
         ours, _ = blend.build(cfg.data, cache_dir=tmp_path / "keizoku-cache", **common)
         cfg.data.seed = 4322
         other_seed, _ = blend.build(cfg.data, cache_dir=tmp_path / "keizoku-cache-2", **common)
@@ -520,15 +518,16 @@ def test_reporter_registers_with_bridges_callback_manager(bridge, setup):
     from keizoku.engines.megatron.reporting import Reporter, WalltimeRelay
 
     manager = CallbackManager()
-    Reporter(load(None, overrides(setup)), 20, WalltimeRelay(True, signals=())).register(manager)
+    Reporter(load_config(None, overrides(setup)), 20, WalltimeRelay(True, signals=())).register(manager)
     for event in Reporter.EVENTS:
         assert manager.has_callbacks(event), event
 
 
 def test_metrics_records_have_the_torch_engines_schema(setup, tmp_path):
-    """metrics.jsonl of engine: megatron (reporting.train_record/eval_record) has the keys a real engine: torch
+    """metrics.jsonl of engine: megatron (reporting.train_record, keizoku.metrics) has the keys a real engine: torch
     run writes, for two validation sets and the evaluation before step 1."""
-    from keizoku.engines.megatron.reporting import MetricsFile, eval_record, train_record
+    from keizoku.engines.megatron.reporting import train_record
+    from keizoku.metrics import MetricsLogger, eval_values
 
     run = tmp_path / "torch-run"
     cfg = tmp_path / "t.yaml"
@@ -540,12 +539,12 @@ def test_metrics_records_have_the_torch_engines_schema(setup, tmp_path):
                                      f"en: [{{path: {data}/en_sample_text_document}}]}}"))
     torch_records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ours = tmp_path / "metrics.jsonl"
-    m = MetricsFile(ours)
-    m.log("eval", 0, eval_record({"ja": 8.9, "en": 9.1}))
+    m = MetricsLogger(tmp_path, console=False)
+    m.log("eval", 0, eval_values({"ja": 8.9, "en": 9.1}))
     m.log("train", 1, train_record(loss=8.95, lr=3e-3, grad_norm=1.5, step_s=0.5, tokens_per_step=512, world=2,
                                    step=1, memory_gib=None))
-    m.log("eval", 1, eval_record({"ja": 8.7, "en": 8.8}))
-    m.file.close()
+    m.log("eval", 1, eval_values({"ja": 8.7, "en": 8.8}))
+    m.close()
     megatron_records = [json.loads(line) for line in ours.read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in torch_records] == [("eval", 0), ("train", 1), ("eval", 1)]
     for a, b in zip(torch_records, megatron_records):
@@ -564,9 +563,9 @@ def test_validation_batches_are_the_torch_engines_eval_samples(bridge, setup, tm
     from keizoku.engines.megatron.reporting import validation_batches, validation_datasets
 
     data = setup / "data"
-    cfg = load(None, overrides(setup, f"run_dir={tmp_path / 'run'}",
-                               f"data.validation={{ja: [{{path: {data}/ja_sample_text_document}}], "
-                               f"en: [{{path: {data}/en_sample_text_document}}]}}"))
+    cfg = load_config(None, overrides(setup, f"run_dir={tmp_path / 'run'}",
+                                      f"data.validation={{ja: [{{path: {data}/ja_sample_text_document}}], "
+                                      f"en: [{{path: {data}/en_sample_text_document}}]}}"))
     dp, batches, micro = 2, 3, cfg.train.micro_batch_size
     eval_samples = batches * micro * dp
     dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp(prefix='keizoku-pg-')}/store", rank=0,
@@ -574,9 +573,9 @@ def test_validation_batches_are_the_torch_engines_eval_samples(bridge, setup, tm
     try:
         ours = validation_datasets(cfg, eval_samples)
         tok = load_tokenizer(str(setup / "model"))
+        shim = blend.MegatronTokenizerShim(tok.eos_id, tok.vocab_size, tokenizer_fingerprint(tok))
         _, theirs = blend.build(cfg.data, seq_length=cfg.data.seq_length, train_samples=16,
-                                eval_samples=eval_samples, eod=tok.eos_id, vocab_size=tok.vocab_size,
-                                fingerprint=tokenizer_fingerprint(tok), cache_dir=tmp_path / "torch-cache")
+                                eval_samples=eval_samples, tokenizer=shim, cache_dir=tmp_path / "torch-cache")
     finally:
         dist.destroy_process_group()
     assert list(ours) == list(theirs) == ["ja", "en"]
@@ -594,28 +593,32 @@ def test_validation_batches_are_the_torch_engines_eval_samples(bridge, setup, tm
 
 
 def test_launch_driver_sees_megatron_checkpoints(setup, tmp_path):
-    """The walltime chain's completeness check (launch/driver.py) reads Megatron-Bridge's layout: the newest
-    iteration named by its tracker file (Bridge's checkpoint_utils.get_checkpoint_tracker_filename), only if that
-    checkpoint directory (get_checkpoint_name: iter_NNNNNNN) exists."""
-    from keizoku.launch.driver import Plan, completed_checkpoint, completed_step, is_complete
+    """The walltime chain's completeness check (launch/driver.py, through rundir.latest_checkpoint) reads
+    Megatron-Bridge's layout: the newest iteration named by its tracker file (Bridge's
+    checkpoint_utils.get_checkpoint_tracker_filename), only if that checkpoint directory (get_checkpoint_name:
+    iter_NNNNNNN) exists."""
+    from keizoku.launch.driver import LaunchPlan, is_complete
+    from keizoku.rundir import latest_checkpoint
 
     run = tmp_path / "run"
     ckpt = run / "checkpoints"
     ckpt.mkdir(parents=True)
     tracker = ckpt / "latest_checkpointed_iteration.txt"
-    assert completed_step(str(run)) is None
+    assert latest_checkpoint(run) is None
     tracker.write_text("20")
-    assert completed_step(str(run)) is None  # a tracker without its checkpoint: not complete
+    assert latest_checkpoint(run) is None  # a tracker without its checkpoint: not complete
     (ckpt / "iter_0000010").mkdir()
     (ckpt / "iter_0000020").mkdir()
-    assert completed_checkpoint(str(run)) == (20, str(ckpt / "iter_0000020"))
-    from keizoku.launch.progress import status  # what `keizoku status` shows
+    newest = latest_checkpoint(run)
+    assert (newest.step, newest.path, newest.engine) == (20, ckpt / "iter_0000020", "megatron")
+    from keizoku.launch.status import run_status  # what `keizoku status` shows
 
-    shown = status(run, query_scheduler=False)
+    shown = run_status(run, query_scheduler=False)
     assert (shown.checkpoint_step, shown.checkpoint) == (20, str(ckpt / "iter_0000020"))
     config = tmp_path / "m.yaml"
     config.write_text("")
-    plan = Plan(train_args=[str(config), *overrides(setup, f"run_dir={run}", "train.max_steps=30")], run_dir=str(run))
+    plan = LaunchPlan(train_args=[str(config), *overrides(setup, f"run_dir={run}", "train.max_steps=30")],
+                      run_dir=str(run))
     assert is_complete(plan) is None
     tracker.write_text("30\n")
     (ckpt / "iter_0000030").mkdir()
@@ -626,11 +629,11 @@ def test_engine_torch_never_imports_megatron_bridge(setup, tmp_path):
     """A real (two-step) torch-engine run, then: no megatron.bridge module was loaded."""
     code = f"""
 import sys
-from keizoku.config import load
-from keizoku.engines import run
-cfg = load(None, {overrides(setup, 'engine=torch', f'run_dir={tmp_path / "torch-run"}', 'train.max_steps=2',
+from keizoku.config import load_config
+from keizoku.engines import train
+cfg = load_config(None, {overrides(setup, 'engine=torch', f'run_dir={tmp_path / "torch-run"}', 'train.max_steps=2',
                              'eval.interval=0', 'eval.at_start=false', 'logging.tensorboard=false')!r})
-assert run(cfg) == 0
+assert train(cfg) == 0
 loaded = sorted(m for m in sys.modules if m.startswith("megatron.bridge"))
 assert not loaded, loaded
 print("no megatron.bridge")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keizoku.config import ModelConfig
-from keizoku.train.model import ModelLoadError, load_model
+from keizoku.engines.torch.model import ModelLoadError, load_model
 
 
 def tiny(kind: str, path, tie: bool = False):

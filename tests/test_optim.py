@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from keizoku.train.optim import AdamWLowPrecisionState, _round
+from keizoku.engines.torch.optim import AdamWLowPrecisionState, _round
 
 
 def _train(optimizer_class, steps: int = 10, **kw) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
@@ -65,7 +65,7 @@ def test_fp8_all_gather_weights_are_updated_through_their_data():
     the wrapped data (a plain tensor, as the compiled kernel needs) and equals the update of an unwrapped weight."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    from keizoku.train.optim import _local
+    from keizoku.engines.torch.optim import _local
 
     torch.manual_seed(0)
     plain = torch.nn.Linear(32, 32, bias=False)

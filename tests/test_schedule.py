@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from keizoku.config import OptimConfig, ScheduleConfig
-from keizoku.train.optim import adamw, param_groups
-from keizoku.train.schedule import lambda_for, lr_at
+from keizoku.engines.torch.optim import adamw, param_groups
+from keizoku.schedule import LRSchedule
 
 OPT = OptimConfig(lr=1e-3, min_lr=1e-4)
 
 
 def curve(kind, total=100, warmup=10, **kw):
-    s = ScheduleConfig(kind=kind, warmup_steps=warmup, **kw)
-    return [lr_at(i, total, OPT, s) for i in range(total)]
+    schedule = LRSchedule.of(OPT, ScheduleConfig(kind=kind, warmup_steps=warmup, **kw), total)
+    return [schedule.lr_at(i) for i in range(total)]
 
 
 @pytest.mark.parametrize("kind", ["cosine", "wsd", "constant"])
@@ -41,8 +41,11 @@ def test_wsd_is_flat_then_decays_linearly():
 
 def test_constant_and_lambda():
     assert curve("constant")[-1] == pytest.approx(1e-3)
-    f = lambda_for(100, OPT, ScheduleConfig(kind="cosine", warmup_steps=10))
-    assert f(99) == pytest.approx(0.1)
+    schedule = LRSchedule.of(OPT, ScheduleConfig(kind="cosine", warmup_steps=10), 100)
+    assert schedule.factor_at(99) == pytest.approx(0.1)
+    assert (schedule.warmup_steps, schedule.decay_start, schedule.last_step) == (10, 10, 99)
+    wsd = LRSchedule.of(OPT, ScheduleConfig(kind="wsd", warmup_steps=10, decay_fraction=0.2), 100)
+    assert (wsd.decay_start, wsd.last_step) == (79, 99)  # the points engine megatron translates
 
 
 def test_no_decay_groups():

@@ -104,6 +104,63 @@ def test_formats_give_identical_output(tmp_path, tokenizer_dirs, ja_texts):
     assert len(a["inputs"][0]["sha256"]) == 64 and a["tokenizer"]["vocab_size"] == 8002
 
 
+def _compressed(data: bytes, suffix: str) -> bytes:
+    import zstandard
+
+    return {".jsonl": lambda d: d, ".jsonl.gz": gzip.compress,
+            ".jsonl.zst": zstandard.ZstdCompressor().compress}[suffix](data)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_reader_chunks_at_every_boundary(tmp_path, suffix):
+    """Every file length (0 bytes, ending inside a line, right after a newline) and chunk size (smaller than a
+    line, ending a chunk exactly at the end of the file): whole lines, in order, numbered, nothing lost, no hang."""
+    from keizoku.data.readers import Lines, open_reader
+
+    text = b'{"text": "a"}\n{"text": "bb"}\n\n{"text": "' + b"c" * 40 + b'"}\n{"text": "d"}\n{"text": "e"}'
+    path = tmp_path / f"in{suffix}"
+    for end in range(len(text) + 1):
+        path.write_bytes(_compressed(text[:end], suffix))
+        for chunk_bytes in (1, 2, 3, 7, 15, 16, 64, 4096):
+            chunks = list(open_reader(path, ["text"], chunk_bytes))
+            assert all(isinstance(c, Lines) and c.data and not c.truncated for c in chunks), (end, chunk_bytes)
+            assert b"".join(c.data for c in chunks) == text[:end], (end, chunk_bytes)
+            assert all(c.data.endswith(b"\n") for c in chunks[:-1]), (end, chunk_bytes)
+            starts = [1 + sum(d.data.count(b"\n") for d in chunks[:i]) for i in range(len(chunks))]
+            assert [c.first_line for c in chunks] == starts, (end, chunk_bytes)
+
+
+def test_empty_input_and_input_ending_at_a_chunk_boundary(tmp_path, tokenizer_dirs):
+    """A 0-byte input is a dataset of no documents; an input whose end is the end of a chunk is read to its end."""
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    line = b'{"text": "' + b"x" * ((1 << 20) - 13) + b'"}\n'  # exactly 1 MiB: one chunk of --chunk-mb 1
+    (tmp_path / "mib.jsonl").write_bytes(line)
+    (tmp_path / "long.jsonl").write_bytes(b'{"text": "' + b"y" * (5 << 19) + b'"}\n')  # a line of 2.5 chunks
+    keizoku("tokenize", tmp_path / "empty.jsonl", tmp_path / "mib.jsonl", tmp_path / "long.jsonl", "-t",
+            tokenizer_dirs["sample"], "-o", tmp_path / "out", "--chunk-mb", "1", "-q", timeout=120)
+    datasets = json.loads((tmp_path / "out/keizoku-manifest.json").read_text())["datasets"]
+    assert {name: e["documents"] for name, e in datasets.items()} == {
+        "empty_text_document": 0, "mib_text_document": 1, "long_text_document": 1}
+    empty = IndexedDatasetReader(tmp_path / "out/empty_text_document")  # megatron-core cannot mmap a 0-byte .bin
+    assert len(empty) == 0 and empty.bin_path.stat().st_size == 0
+    assert datasets["long_text_document"]["tokens"] > datasets["mib_text_document"]["tokens"]
+
+
+def test_reader_registry():
+    """Discovery's suffixes and the reader of a file come from one registry; the longest suffix wins."""
+    from keizoku.data import readers
+
+    assert {".jsonl", ".json", ".jsonl.gz", ".jsonl.zst", ".parquet"} <= set(readers.suffixes())
+    assert readers.reader_for("a/b.jsonl") is readers.JsonlReader
+    assert readers.reader_for("b.json.gz") is readers.GzipJsonlReader
+    assert readers.reader_for("b.jsonl.zstd") is readers.ZstdJsonlReader
+    assert readers.reader_for("b.parquet") is readers.ParquetReader
+    assert readers.input_suffix("x.jsonl.gz") == ".jsonl.gz" and readers.input_suffix("x.txt") is None
+    with pytest.raises(readers.InputError, match="unsupported file type"):
+        readers.reader_for("x.txt")
+
+
 def test_workers_equal_single_worker(tmp_path, tokenizer_dirs, ja_texts, en_texts):
     rows = [{"text": t} for t in ja_texts + en_texts]
     src = write_jsonl(tmp_path / "in.jsonl.gz", rows)
@@ -138,7 +195,7 @@ def test_directory_mode_resume_after_failure(tmp_path, tokenizer_dirs, ja_texts)
     assert f"{data / 'sub' / 'b.jsonl'}:31: malformed JSON" in proc.stderr
     assert (out / "a_text_document.idx").exists()
     assert not (out / "sub/b_text_document.idx").exists() and not (out / "sub/b_text_document.bin").exists()
-    assert not list(out.rglob("*.tmp"))
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name], "staged files left behind"
     manifest = json.loads((out / "keizoku-manifest.json").read_text())
     assert list(manifest["datasets"]) == ["a_text_document"]
     a_mtime = (out / "a_text_document.bin").stat().st_mtime_ns
@@ -174,7 +231,7 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path, tokenizer_dirs):
             "-o", str(out), "-j", "1", "-q", "--chunk-mb", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while not (out / "big_text_document.bin.tmp").exists() or (out / "big_text_document.bin.tmp").stat().st_size == 0:
+    while not any(p.stat().st_size for p in out.glob(".tmp*.big_text_document.bin")):  # ids being written
         assert time.time() < deadline and proc.poll() is None, "tokenize finished before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -186,6 +243,7 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path, tokenizer_dirs):
     assert not (out / "keizoku-manifest.json").exists()
     keizoku("tokenize", src, "-t", tokenizer_dirs["llama3.1"], "-o", out, "-q")
     assert len(IndexedDataset(str(out / "big_text_document")).document_indices) == 397 * 12 + 1
+    assert not list(out.glob(".tmp*")), "the rerun writes over what the killed run staged, and publishes it"
 
 
 def test_fast_bpe_path_equals_hf_on_samples(tokenizer_dirs, ja_texts, en_texts):

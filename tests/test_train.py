@@ -77,14 +77,14 @@ def test_loss_falls_from_the_pretrained_model(setup, tmp_path):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from keizoku.config import load
+    from keizoku.config import load_config
     from keizoku.data import blend
 
-    cfg = load(run / "config.yaml")
+    cfg = load_config(run / "config.yaml")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        ds, _ = blend.build(cfg.data, seq_length=64, train_samples=STEPS * 8, eval_samples=4, eod=8001,
-                            vocab_size=8002, fingerprint="x", cache_dir=tmp_path / "cache")
+        ds, _ = blend.build(cfg.data, seq_length=64, train_samples=STEPS * 8, eval_samples=4,
+                            tokenizer=blend.MegatronTokenizerShim(8001, 8002, "x"), cache_dir=tmp_path / "cache")
     finally:
         dist.destroy_process_group()
     model = AutoModelForCausalLM.from_pretrained(setup / "model")
@@ -134,9 +134,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "checkpoints/step_00000020").exists()
-    (run / "checkpoints/.step_00000015.tmp").mkdir()  # as a kill during a save leaves it: ignored
+    (run / "checkpoints/.tmp.step_00000015").mkdir()  # as a kill during a save leaves it: ignored, then removed
     out = keizoku("train", cfg).stdout
     assert "resumed from" in out and "step_00000010" in out
+    assert not (run / "checkpoints/.tmp.step_00000015").exists()
     whole, resumed = final_weights(tmp_path / "whole"), final_weights(run)
     assert whole.keys() == resumed.keys()
     for k in whole:
@@ -218,7 +219,7 @@ def test_flops_convention():
     """6·N + 12·L·H·S with N excluding the input embedding (Llama-3.2-1B shape: tied output layer)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from keizoku.engines.torch.trainer import flops_per_token
+    from keizoku.engines.torch.model import flops_per_token
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(

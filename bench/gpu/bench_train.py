@@ -1,7 +1,7 @@
 """Throughput of `keizoku train` (engine: torch) against what users would run instead, one machine, one call.
 
 Variants (each in its own process, one after another, so memory and compile caches do not leak):
-  keizoku    the real `keizoku train` code path (keizoku.engines.run on a YAML config): megatron-core data
+  keizoku    the real `keizoku train` code path (keizoku.engines.train on a YAML config): megatron-core data
              loader over the bundled samples tokenized, AdamW, metrics; checkpoints and eval off. Extra
              ``key=value`` overrides name sub-variants (e.g. keizoku:train.loss_chunk_tokens=0).
   hf         Hugging Face Trainer, bf16=True, gradient checkpointing (what most users pick), random tokens.
@@ -114,9 +114,15 @@ def write_model_dir(model_dir: Path, shape: str, seq: int, tokenizer: Path = ROO
 def run_keizoku(a, overrides: list[str]) -> list[dict]:
     import yaml
 
-    from keizoku.config import load
-    from keizoku.engines import run
-    from keizoku.launch.progress import read_jsonl
+    from keizoku import config, engines
+
+    # a --baseline-src tree from before keizoku's names changed (issue 19) has load/run/launch.progress.read_jsonl
+    load_config = getattr(config, "load_config", None) or config.load
+    train_engine = getattr(engines, "train", None) or engines.run
+    try:
+        from keizoku.rundir import read_jsonl
+    except ImportError:
+        from keizoku.launch.progress import read_jsonl
 
     work = Path(a.workdir)  # one per variant, the same for all its ranks
     if not rank():
@@ -136,7 +142,7 @@ def run_keizoku(a, overrides: list[str]) -> list[dict]:
         import torch
 
         torch._C._set_sm_carveout_experimental(a.sm_carveout)
-    code = run(load(work / "cfg.yaml", overrides))
+    code = train_engine(load_config(work / "cfg.yaml", overrides))
     if code:
         raise SystemExit(f"keizoku train exited {code}")
     if rank():

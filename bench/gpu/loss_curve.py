@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import ROOT, SHAPES, keizoku_config, write_model_dir
 
-from keizoku.launch.progress import read_jsonl
+from keizoku.rundir import read_jsonl
 
 TIMING_SKIP_STEPS = 5  # compile and allocator warm-up: left out of the tokens/s median
 DELTA = ".2g"  # loss differences: two significant digits, whether 0.031 or 2.5e-06

@@ -49,7 +49,7 @@ def main() -> None:
 
     import torch
 
-    from keizoku.train.optim import AdamWLowPrecisionState, param_groups
+    from keizoku.engines.torch.optim import AdamWLowPrecisionState, param_groups
 
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)

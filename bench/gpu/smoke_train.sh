@@ -5,7 +5,8 @@
 #          (pip download --no-deps --only-binary=:all: --python-version 3.12 ...; antlr4: pip wheel --no-deps)
 #   .gpu/data/  the bundled samples tokenized with the bundled tokenizer:
 #          keizoku tokenize src/keizoku/assets/data/*.jsonl.gz -t src/keizoku/assets/tokenizer -o .gpu/data
-# Run:  device run "bash bench/gpu/smoke_train.sh" with carry [".whl", ".gpu"]
+# Run:  device run "bash bench/gpu/smoke_train.sh" with carry [".whl", ".gpu"] (the wheels of bench/megatron/README.md
+#       do too: megatron-core 0.19.2, omegaconf 2.4.0, ...)
 # 2026-11-28, 1x H100 80GB: a 138M-parameter Llama shape, seq 1024, global batch 16: bf16 FSDP2, ~60k tokens/s,
 # loss 9.20 -> 7.57 (ja eval) in 40 steps, data-loader share 0.3%, checkpoint/resume at step 25, export verified
 # (max logit difference 0).
@@ -38,9 +39,11 @@ checkpoint: {interval: 20}
 eval: {interval: 20, batches: 4}
 logging: {interval: 5, tensorboard: true}
 Y
-python3 -c "import sys; from keizoku.config import load; from keizoku.engines import run; sys.exit(run(load('/tmp/cfg.yaml', ['train.max_steps=25'])))" 2>&1 | grep -vi warn
+python3 -c "import sys; from keizoku.config import load_config; from keizoku.engines import train; sys.exit(train(load_config('/tmp/cfg.yaml', ['train.max_steps=25'])))" 2>&1 | grep -vi warn
 echo "exit=$?"
-python3 -c "import sys; from keizoku.config import load; from keizoku.engines import run; sys.exit(run(load('/tmp/cfg.yaml')))" 2>&1 | grep -vi warn
-python3 -c "from keizoku.checkpoint.hf_export import export; print(export('/tmp/run', '/tmp/hf'))" 2>&1 | grep -vi "warn\|Loading\|Writing"
+python3 -c "import sys; from keizoku.config import load_config; from keizoku.engines import train; sys.exit(train(load_config('/tmp/cfg.yaml')))" 2>&1 | grep -vi warn
+python3 -c "from keizoku.engines import export; print(export('/tmp/run', '/tmp/hf'))" 2>&1 | grep -vi "warn\|Loading\|Writing"
+# FP8 (torchao) and a profiled step: 10 steps, step 5 under torch.profiler
+python3 -c "import sys; from keizoku.config import load_config; from keizoku.engines import train; sys.exit(train(load_config('/tmp/cfg.yaml', ['run_dir=/tmp/run-fp8', 'train.max_steps=10', 'model.fp8=tensorwise', 'logging.profile_step=5', 'checkpoint.interval=0', 'eval.interval=0'])))" 2>&1 | grep -vi warn
 cp /tmp/run/metrics.jsonl $OUT/
-ls /tmp/run/checkpoints /tmp/run/tensorboard
+ls -a /tmp/run/checkpoints /tmp/run/checkpoints/* /tmp/run/tensorboard /tmp/run-fp8/profile

@@ -40,7 +40,6 @@ import platform
 import random
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from keizoku.data import indexed
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -367,25 +368,14 @@ def raw_hf_env(workers: int) -> dict:
 
 
 def dataset_paths(prefix: Path) -> tuple[Path, Path]:
-    base = f"{prefix}_text_document"
-    return Path(base + ".bin"), Path(base + ".idx")
+    return indexed.dataset_paths(f"{prefix}_text_document")
 
 
-_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core indexed_dataset.DType codes
-
-
-def read_idx(idx: Path) -> dict:
-    """Token and document counts from a Megatron .idx (the header and the int32 sequence lengths)."""
-    with open(idx, "rb") as f:
-        if f.read(9) != b"MMIDIDX\x00\x00":
-            raise ValueError(f"{idx}: not a Megatron index")
-        (_version,) = struct.unpack("<Q", f.read(8))
-        (code,) = struct.unpack("<B", f.read(1))
-        (seq_count,) = struct.unpack("<Q", f.read(8))
-        (doc_count,) = struct.unpack("<Q", f.read(8))
-        lengths = np.fromfile(f, dtype=np.int32, count=seq_count)
-    return {"tokens": int(lengths.sum(dtype=np.int64)), "documents": doc_count - 1,
-            "dtype_size": _DTYPE_SIZES[code]}
+def read_idx(prefix: Path) -> dict:
+    """Token and document counts from a Megatron .idx (keizoku's reader of the format)."""
+    ds = indexed.IndexedDatasetReader(f"{prefix}_text_document")
+    return {"tokens": int(ds.sequence_lengths.sum(dtype=np.int64)), "documents": len(ds),
+            "dtype_size": ds.dtype.itemsize}
 
 
 def run_dataset_tool(name: str, cmd: list[str], env: dict, prefix: Path, logs: Path, tag: str,
@@ -393,7 +383,7 @@ def run_dataset_tool(name: str, cmd: list[str], env: dict, prefix: Path, logs: P
     prefix.parent.mkdir(parents=True, exist_ok=True)
     result = measure(cmd, env, logs / f"{tag}-{name}", mem_interval)
     bin_path, idx_path = dataset_paths(prefix)
-    counts = read_idx(idx_path)
+    counts = read_idx(prefix)
     if counts["tokens"] * counts["dtype_size"] != bin_path.stat().st_size:
         raise SystemExit(f"{bin_path}: size does not match the token count of {idx_path}")
     return {**result, "tokens": counts["tokens"], "documents": counts["documents"]}

@@ -19,10 +19,11 @@ from typing import Any, Literal, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from keizoku.files import write_atomic
+from keizoku.errors import KeizokuError
+from keizoku.rundir import RunDir, write_atomic
 
 
-def _f(default, help: str):  # noqa: A002 - "help" reads best in the field declarations
+def setting(default, help: str):  # noqa: A002 - "help" reads best in the field declarations
     """A field with its help text; a class (list, dict, a section) as default means "a fresh one"."""
     if isinstance(default, type):
         return field(default_factory=default, metadata={"help": help})
@@ -31,122 +32,126 @@ def _f(default, help: str):  # noqa: A002 - "help" reads best in the field decla
 
 @dataclass
 class ModelConfig:
-    hf_path: Optional[str] = _f(None, "Hugging Face model to continue from: a local directory or a hub id. Its "
-                                      "pretrained weights are loaded (AutoModelForCausalLM).")
-    init: Literal["pretrained", "random"] = _f("pretrained", "'random' builds the architecture of hf_path with "
-                                                             "random weights; only when asked for, never as a fallback.")
-    tokenizer: Optional[str] = _f(None, "Tokenizer (directory or hub id) saved with exports; default: hf_path.")
-    dtype: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 mixed precision with fp32 master weights on "
-                                                        "GPU, fp32 on CPU.")
-    attn_implementation: str = _f("sdpa", "transformers attention implementation (sdpa, eager, flash_attention_2).")
-    activation_checkpointing: Literal["none", "selective", "full"] = _f(
-        "none", "Recompute activations in the backward pass to save memory. none: keep all; selective: keep the "
-                "matmul and attention outputs, recompute the cheap elementwise work (norms, RoPE, SiLU; engine: "
-                "megatron: its selective recompute of core attention); full: keep only each decoder layer's input.")
-    full_recompute_layers: int = _f(0, "The first N decoder layers recompute fully (keep only their input); the "
-                                       "others use activation_checkpointing (none or selective). The dial between "
-                                       "the modes for fitting a card: each such layer trades its kept activations "
-                                       "for one more forward of the layer. engine: megatron: with none only "
-                                       "(recompute_method: block).")
-    fp8: Literal["none", "tensorwise", "rowwise"] = _f(
-        "none", "engine: torch — FP8 matmuls in the decoder layers' linear layers (torchao float8 training; "
-                "Hopper or newer; fp32 master weights and the bf16 output layer are unchanged). tensorwise: one "
-                "scale per tensor, FP8 FSDP all-gather; rowwise: a scale per row. engine: megatron: "
-                "megatron.precision.")
-    fp8_layers: Literal["auto", "all"] = _f(
+    hf_path: Optional[str] = setting(None, "Hugging Face model to continue from: a local directory or a hub id. Its "
+                                           "pretrained weights are loaded (AutoModelForCausalLM).")
+    init: Literal["pretrained", "random"] = setting("pretrained", "'random' builds the architecture of hf_path with "
+                                                                  "random weights; only when asked for, never as a "
+                                                                  "fallback.")
+    tokenizer: Optional[str] = setting(None, "Tokenizer (directory or hub id) saved with exports; default: hf_path.")
+    dtype: Literal["auto", "bf16", "fp32"] = setting("auto", "auto: bf16 mixed precision with fp32 master weights on "
+                                                             "GPU, fp32 on CPU.")
+    attn_implementation: str = setting("sdpa", "transformers attention implementation (sdpa, eager, "
+                                               "flash_attention_2).")
+    activation_checkpointing: Literal["none", "selective", "full"] = setting(
+        "none", "Recompute activations in the backward pass to save memory. none: keep all; selective: keep the matmul "
+                "and attention outputs, recompute the cheap elementwise work (norms, RoPE, SiLU; engine: megatron: its "
+                "selective recompute of core attention); full: keep only each decoder layer's input.")
+    full_recompute_layers: int = setting(0, "The first N decoder layers recompute fully (keep only their input); the "
+                                            "others use activation_checkpointing (none or selective). The dial between "
+                                            "the modes for fitting a card: each such layer trades its kept activations "
+                                            "for one more forward of the layer. engine: megatron: with none only "
+                                            "(recompute_method: block).")
+    fp8: Literal["none", "tensorwise", "rowwise"] = setting(
+        "none", "engine: torch — FP8 matmuls in the decoder layers' linear layers (torchao float8 training; Hopper or "
+                "newer; fp32 master weights and the bf16 output layer are unchanged). tensorwise: one scale per "
+                "tensor, FP8 FSDP all-gather; rowwise: a scale per row. engine: megatron: megatron.precision.")
+    fp8_layers: Literal["auto", "all"] = setting(
         "auto", "model.fp8 only. auto: leave in bf16 the linear layers too small for an FP8 matmul to pay for its "
-                "casts (torchao's size thresholds per recipe; e.g. tensorwise keeps Llama-3.1-8B's k_proj and "
-                "v_proj, 4096 -> 1024, in bf16); all: every linear layer whose sizes are multiples of 16.")
-    compile: Optional[bool] = _f(None, "torch.compile each decoder layer (and the chunked loss's elementwise "
-                                       "work); default: on with CUDA, off on a CPU.")
-    trust_remote_code: bool = _f(False, "Allow model code from the hub (transformers' trust_remote_code).")
+                "casts (torchao's size thresholds per recipe; e.g. tensorwise keeps Llama-3.1-8B's k_proj and v_proj, "
+                "4096 -> 1024, in bf16); all: every linear layer whose sizes are multiples of 16.")
+    compile: Optional[bool] = setting(None, "torch.compile each decoder layer (and the chunked loss's elementwise "
+                                            "work); default: on with CUDA, off on a CPU.")
+    trust_remote_code: bool = setting(False, "Allow model code from the hub (transformers' trust_remote_code).")
 
 
 @dataclass
 class DatasetEntry:
-    path: str = _f(MISSING, "Dataset prefix (PATH for PATH.bin/.idx) or a directory with a keizoku manifest.")
-    weight: Optional[float] = _f(None, "Relative sampling weight (Megatron --data-path W P semantics).")
-    tokens: Optional[int] = _f(None, "Token budget: take this many tokens from the dataset, repeating or truncating.")
+    path: str = setting(MISSING, "Dataset prefix (PATH for PATH.bin/.idx) or a directory with a keizoku manifest.")
+    weight: Optional[float] = setting(None, "Relative sampling weight (Megatron --data-path W P semantics).")
+    tokens: Optional[int] = setting(None, "Token budget: take this many tokens from the dataset, repeating or "
+                                          "truncating.")
 
 
 @dataclass
 class DataConfig:
-    blend: list[DatasetEntry] = _f(list, "Training datasets: [{path, weight}] or [{path, tokens}].")
-    validation: dict[str, list[DatasetEntry]] = _f(dict, "Named validation sets, e.g. {ja: [{path: ...}], "
-                                                         "en: [{path: ...}]}: loss and perplexity for each.")
-    seq_length: int = _f(4096, "Tokens per training sequence (samples hold seq_length + 1 tokens).")
-    seed: int = _f(1234, "Seed of the sample order (GPTDataset shuffle); the same seed gives the same samples.")
-    cache_dir: Optional[str] = _f(None, "Where the dataset indices are cached; default RUN_DIR/data-cache.")
-    num_workers: int = _f(2, "Data loader worker processes per rank.")
-    mock: bool = _f(False, "Train on random tokens (smoke tests only). Never implied by a missing blend.")
+    blend: list[DatasetEntry] = setting(list, "Training datasets: [{path, weight}] or [{path, tokens}].")
+    validation: dict[str, list[DatasetEntry]] = setting(dict, "Named validation sets, e.g. {ja: [{path: ...}], en: "
+                                                              "[{path: ...}]}: loss and perplexity for each.")
+    seq_length: int = setting(4096, "Tokens per training sequence (samples hold seq_length + 1 tokens).")
+    seed: int = setting(1234, "Seed of the sample order (GPTDataset shuffle); the same seed gives the same samples.")
+    cache_dir: Optional[str] = setting(None, "Where the dataset indices are cached; default RUN_DIR/data-cache.")
+    num_workers: int = setting(2, "Data loader worker processes per rank.")
+    mock: bool = setting(False, "Train on random tokens (smoke tests only). Never implied by a missing blend.")
 
 
 @dataclass
 class TrainConfig:
-    global_batch_size: int = _f(8, "Sequences per optimizer step, over all data-parallel ranks.")
-    micro_batch_size: int = _f(1, "Sequences per forward/backward on one rank; the rest is gradient accumulation.")
-    max_steps: Optional[int] = _f(None, "Optimizer steps to train (give this or max_tokens).")
-    max_tokens: Optional[int] = _f(None, "Tokens to train on (give this or max_steps).")
-    seed: int = _f(1234, "Seed for model initialisation (init: random) and dropout.")
-    device: Literal["auto", "cuda", "cpu"] = _f("auto", "auto: CUDA when available, else CPU.")
-    loss_chunk_tokens: Optional[int] = _f(None, "engine: torch — compute the output layer and cross-entropy this "
-                                                "many tokens at a time, gradients included, so full-vocabulary logits "
-                                                "never exist (same result; 12+ GiB less memory at seq 8192 × 2 with a "
-                                                "128k vocabulary). 0: the model's own logits, then the loss. Default: "
-                                                "2048 with CUDA, 0 on a CPU (where the fused cross-entropy is faster).")
-    on_nan: Literal["stop", "skip"] = _f("stop", "NaN/inf loss or gradient: stop with a message, or skip the step. "
-                                                 "A poisoned state is never checkpointed.")
+    global_batch_size: int = setting(8, "Sequences per optimizer step, over all data-parallel ranks.")
+    micro_batch_size: int = setting(1, "Sequences per forward/backward on one rank; the rest is gradient accumulation.")
+    max_steps: Optional[int] = setting(None, "Optimizer steps to train (give this or max_tokens).")
+    max_tokens: Optional[int] = setting(None, "Tokens to train on (give this or max_steps).")
+    seed: int = setting(1234, "Seed for model initialisation (init: random) and dropout.")
+    device: Literal["auto", "cuda", "cpu"] = setting("auto", "auto: CUDA when available, else CPU.")
+    loss_chunk_tokens: Optional[int] = setting(None, "engine: torch — compute the output layer and cross-entropy this "
+                                                     "many tokens at a time, gradients included, so full-vocabulary "
+                                                     "logits never exist (same result; 12+ GiB less memory at seq 8192 "
+                                                     "× 2 with a 128k vocabulary). 0: the model's own logits, then the "
+                                                     "loss. Default: 2048 with CUDA, 0 on a CPU (where the fused "
+                                                     "cross-entropy is faster).")
+    on_nan: Literal["stop", "skip"] = setting("stop", "NaN/inf loss or gradient: stop with a message, or skip the "
+                                                      "step. A poisoned state is never checkpointed.")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(3e-4, "Peak learning rate.")
-    min_lr: float = _f(3e-5, "Learning rate at the end of the decay.")
-    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas.")
-    eps: float = _f(1e-8, "AdamW epsilon.")
-    weight_decay: float = _f(0.1, "Decoupled weight decay; not applied to biases, norms and embeddings' norms.")
-    grad_clip: float = _f(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
-    fused: Optional[bool] = _f(None, "Fused AdamW kernel; default: on where supported (CUDA).")
-    state_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of AdamW's two moments. bf16 halves the optimizer state "
-                                                      "(stochastic rounding; the weights stay fp32): Llama-3.1-8B "
-                                                      "on 2 GPUs saves 16 GB per GPU. megatron: the precision-aware "
-                                                      "optimizer (needs TE and megatron.distributed_optimizer).")
+    lr: float = setting(3e-4, "Peak learning rate.")
+    min_lr: float = setting(3e-5, "Learning rate at the end of the decay.")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas.")
+    eps: float = setting(1e-8, "AdamW epsilon.")
+    weight_decay: float = setting(0.1, "Decoupled weight decay; not applied to biases, norms and embeddings' norms.")
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
+    fused: Optional[bool] = setting(None, "Fused AdamW kernel; default: on where supported (CUDA).")
+    state_dtype: Literal["fp32", "bf16"] = setting("fp32", "dtype of AdamW's two moments. bf16 halves the optimizer "
+                                                           "state (stochastic rounding; the weights stay fp32): "
+                                                           "Llama-3.1-8B on 2 GPUs saves 16 GB per GPU. megatron: the "
+                                                           "precision-aware optimizer (needs TE and "
+                                                           "megatron.distributed_optimizer).")
 
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cosine", "wsd", "constant"] = _f("cosine", "cosine: warmup then cosine to min_lr; wsd: warmup, "
-                                                             "constant, then a linear decay to min_lr; constant: warmup "
-                                                             "then lr.")
-    warmup_steps: int = _f(0, "Linear warmup from 0 to lr over this many steps.")
-    decay_fraction: float = _f(0.1, "wsd: the share of all steps spent in the final decay.")
+    kind: Literal["cosine", "wsd", "constant"] = setting("cosine", "cosine: warmup then cosine to min_lr; wsd: warmup, "
+                                                                   "constant, then a linear decay to min_lr; constant: "
+                                                                   "warmup then lr.")
+    warmup_steps: int = setting(0, "Linear warmup from 0 to lr over this many steps.")
+    decay_fraction: float = setting(0.1, "wsd: the share of all steps spent in the final decay.")
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _f(1000, "Save every N steps (0: only at the end).")
-    keep_last: int = _f(3, "Keep the newest K checkpoints.")
-    resume: str = _f("auto", "auto: continue from the newest complete checkpoint in the run directory if there is "
-                             "one; none: start afresh; or a checkpoint directory.")
-    save_at_end: bool = _f(True, "Save when training completes.")
+    interval: int = setting(1000, "Save every N steps (0: only at the end).")
+    keep_last: int = setting(3, "Keep the newest K checkpoints.")
+    resume: str = setting("auto", "auto: continue from the newest complete checkpoint in the run directory if there is "
+                                  "one; none: start afresh; or a checkpoint directory.")
+    save_at_end: bool = setting(True, "Save when training completes.")
 
 
 @dataclass
 class EvalConfig:
-    interval: int = _f(1000, "Evaluate every N steps (0: never during training).")
-    batches: int = _f(8, "Micro batches per validation set and evaluation.")
-    at_start: bool = _f(True, "Evaluate before the first step (the base model's loss).")
+    interval: int = setting(1000, "Evaluate every N steps (0: never during training).")
+    batches: int = setting(8, "Micro batches per validation set and evaluation.")
+    at_start: bool = setting(True, "Evaluate before the first step (the base model's loss).")
 
 
 @dataclass
 class LoggingConfig:
-    interval: int = _f(1, "Log every N steps (console, RUN_DIR/metrics.jsonl).")
-    tensorboard: bool = _f(True, "Write TensorBoard events to RUN_DIR/tensorboard.")
-    wandb: bool = _f(False, "Log to Weights & Biases (needs wandb installed and configured).")
-    wandb_project: Optional[str] = _f(None, "W&B project.")
-    profile_step: int = _f(0, "engine: torch — record this step (1-based) with torch.profiler: RUN_DIR/profile/ gets "
-                              "each rank's timeline (.trace.json.gz, for Perfetto) and its operators by device time "
-                              "(.txt). 0: off.")
+    interval: int = setting(1, "Log every N steps (console, RUN_DIR/metrics.jsonl).")
+    tensorboard: bool = setting(True, "Write TensorBoard events to RUN_DIR/tensorboard.")
+    wandb: bool = setting(False, "Log to Weights & Biases (needs wandb installed and configured).")
+    wandb_project: Optional[str] = setting(None, "W&B project.")
+    profile_step: int = setting(0, "engine: torch — record this step (1-based) with torch.profiler: RUN_DIR/profile/ "
+                                   "gets each rank's timeline (.trace.json.gz, for Perfetto) and its operators by "
+                                   "device time (.txt). 0: off.")
     profile_ranks: list[int] = field(default_factory=lambda: [0], metadata={"help": (
         "The ranks that record logging.profile_step (each writes a trace of tens of MB; Megatron's default is "
         "rank 0 too), e.g. [0, 8] for the first GPU of two nodes.")})
@@ -154,83 +159,85 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: Literal["auto", "nccl", "gloo"] = _f("auto", "torch.distributed backend; auto: nccl on GPU, gloo on CPU.")
-    data_parallel_size: Optional[int] = _f(None, "Data-parallel ranks; default: the world size.")
-    reshard_after_forward: Optional[bool] = _f(
+    backend: Literal["auto", "nccl", "gloo"] = setting("auto", "torch.distributed backend; auto: nccl on GPU, gloo on "
+                                                               "CPU.")
+    data_parallel_size: Optional[int] = setting(None, "Data-parallel ranks; default: the world size.")
+    reshard_after_forward: Optional[bool] = setting(
         None, "engine: torch — FSDP2: free each layer's gathered parameters after its forward and gather them again "
-              "for its backward (less memory, twice the gathers). false: the weights are gathered once a step and "
-              "stay gathered through all its micro batches. Default: true on several GPUs, false on one (nothing "
-              "is sharded there; it only saves the bf16 copy of the weights).")
-    grad_accumulation: Literal["auto", "sharded", "unsharded"] = _f(
-        "auto", "engine: torch — how gradients are summed over a step's micro batches. sharded: reduce-scattered "
-                "after every micro batch and summed in each GPU's fp32 shard (least memory; FSDP's way). unsharded: "
-                "summed in a full fp32 gradient on every GPU (4 bytes a parameter) and reduced once per step (with "
+              "for its backward (less memory, twice the gathers). false: the weights are gathered once a step and stay "
+              "gathered through all its micro batches. Default: true on several GPUs, false on one (nothing is sharded "
+              "there; it only saves the bf16 copy of the weights).")
+    grad_accumulation: Literal["auto", "sharded", "unsharded"] = setting(
+        "auto", "engine: torch — how gradients are summed over a step's micro batches. sharded: reduce-scattered after "
+                "every micro batch and summed in each GPU's fp32 shard (least memory; FSDP's way). unsharded: summed "
+                "in a full fp32 gradient on every GPU (4 bytes a parameter) and reduced once per step (with "
                 "reshard_after_forward: false, Megatron DDP's way: one gather and one reduction a step). auto: "
                 "unsharded on one GPU, where it costs no memory; sharded otherwise.")
-    reduce_dtype: Literal["fp32", "bf16"] = _f(
+    reduce_dtype: Literal["fp32", "bf16"] = setting(
         "fp32", "engine: torch — dtype of the gradient reduce-scatter across GPUs (torchtitan's "
                 "mixed_precision_reduce). bf16 halves its traffic; each GPU's sum is rounded to bf16 before it is "
-                "added into the fp32 shard. Not with grad_accumulation: unsharded (it would sum micro batches in bf16).")
+                "added into the fp32 shard. Not with grad_accumulation: unsharded (it would sum micro batches in "
+                "bf16).")
 
 
 @dataclass
 class MegatronConfig:
-    tensor_parallel: int = _f(1, "Tensor-parallel size (Megatron tensor_model_parallel_size).")
-    pipeline_parallel: int = _f(1, "Pipeline-parallel size.")
-    virtual_pipeline: Optional[int] = _f(None, "Virtual pipeline stages per pipeline rank (interleaved schedule); "
-                                               "needs pipeline_parallel > 1.")
-    context_parallel: int = _f(1, "Context-parallel size (long sequences); data.seq_length must be divisible by "
-                                  "2 × context_parallel.")
-    sequence_parallel: bool = _f(False, "Sequence parallelism of norms and dropout over the tensor-parallel ranks; "
-                                        "needs tensor_parallel > 1.")
-    expert_parallel: int = _f(1, "Expert-parallel size (MoE models only).")
-    precision: Literal["bf16", "fp8"] = _f("bf16", "bf16: bf16 mixed precision with fp32 main weights; fp8: FP8 "
-                                                   "matmuls through Transformer Engine (Hopper or newer). "
-                                                   "model.dtype: fp32 trains in fp32 instead.")
-    fp8_recipe: Literal["tensorwise", "delayed", "mxfp8", "blockwise"] = _f(
-        "tensorwise", "precision: fp8 only. tensorwise: current scaling per tensor; delayed: amax history; mxfp8: "
-                      "MX block scaling (Blackwell); blockwise: 128-element blocks (DeepSeek-V3 style).")
-    distributed_optimizer: bool = _f(True, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
-    overlap_grad_reduce: bool = _f(True, "Overlap the gradient reduce-scatter/all-reduce with the backward pass.")
-    overlap_param_gather: bool = _f(True, "Overlap the parameter all-gather with the forward pass; needs "
-                                          "distributed_optimizer.")
-    transformer_impl: Literal["transformer_engine", "local"] = _f(
-        "transformer_engine", "Layer implementation: transformer_engine (the NeMo container; needed for fp8), or "
-                              "local (Megatron-Core's own layers, for machines without Transformer Engine: "
-                              "unfused attention and no TE-only fusions).")
-    async_save: bool = _f(False, "Write checkpoints in the background while training continues.")
-    import_dir: Optional[str] = _f(None, "Where the Megatron import of model.hf_path is cached, one directory "
-                                         "per HF checkpoint fingerprint; default RUN_DIR/pretrained-megatron. Point "
-                                         "runs of the same base model at one shared directory to import once.")
-    overrides: dict[str, Any] = _f(dict, "Megatron-Bridge fields keizoku does not name, set last: "
-                                         "{\"model.apply_rope_fusion\": false, \"ddp.bucket_size\": 40000000}; "
-                                         "sections: model, train, optimizer, scheduler, ddp, dataset, checkpoint, "
-                                         "logger, dist, rng. An unknown field is an error.")
+    tensor_parallel: int = setting(1, "Tensor-parallel size (Megatron tensor_model_parallel_size).")
+    pipeline_parallel: int = setting(1, "Pipeline-parallel size.")
+    virtual_pipeline: Optional[int] = setting(None, "Virtual pipeline stages per pipeline rank (interleaved schedule); "
+                                                    "needs pipeline_parallel > 1.")
+    context_parallel: int = setting(1, "Context-parallel size (long sequences); data.seq_length must be divisible by 2 "
+                                       "× context_parallel.")
+    sequence_parallel: bool = setting(False, "Sequence parallelism of norms and dropout over the tensor-parallel "
+                                             "ranks; needs tensor_parallel > 1.")
+    expert_parallel: int = setting(1, "Expert-parallel size (MoE models only).")
+    precision: Literal["bf16", "fp8"] = setting("bf16", "bf16: bf16 mixed precision with fp32 main weights; fp8: FP8 "
+                                                        "matmuls through Transformer Engine (Hopper or newer). "
+                                                        "model.dtype: fp32 trains in fp32 instead.")
+    fp8_recipe: Literal["tensorwise", "delayed", "mxfp8", "blockwise"] = setting(
+        "tensorwise", "precision: fp8 only. tensorwise: current scaling per tensor; delayed: amax history; mxfp8: MX "
+                      "block scaling (Blackwell); blockwise: 128-element blocks (DeepSeek-V3 style).")
+    distributed_optimizer: bool = setting(True, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    overlap_grad_reduce: bool = setting(True, "Overlap the gradient reduce-scatter/all-reduce with the backward pass.")
+    overlap_param_gather: bool = setting(True, "Overlap the parameter all-gather with the forward pass; needs "
+                                               "distributed_optimizer.")
+    transformer_impl: Literal["transformer_engine", "local"] = setting(
+        "transformer_engine", "Layer implementation: transformer_engine (the NeMo container; needed for fp8), or local "
+                              "(Megatron-Core's own layers, for machines without Transformer Engine: unfused attention "
+                              "and no TE-only fusions).")
+    async_save: bool = setting(False, "Write checkpoints in the background while training continues.")
+    import_dir: Optional[str] = setting(None, "Where the Megatron import of model.hf_path is cached, one directory per "
+                                              "HF checkpoint fingerprint; default RUN_DIR/pretrained-megatron. Point "
+                                              "runs of the same base model at one shared directory to import once.")
+    overrides: dict[str, Any] = setting(dict, "Megatron-Bridge fields keizoku does not name, set last: "
+                                              "{\"model.apply_rope_fusion\": false, \"ddp.bucket_size\": 40000000}; "
+                                              "sections: model, train, optimizer, scheduler, ddp, dataset, checkpoint, "
+                                              "logger, dist, rng. An unknown field is an error.")
 
 
 @dataclass
 class KeizokuConfig:
-    engine: Literal["torch", "megatron"] = _f("torch", "torch: FSDP2 on the Hugging Face model; megatron: "
-                                                       "Megatron-Bridge.")
-    run_dir: str = _f("runs/keizoku", "Run directory: resolved config, checkpoints, metrics, logs.")
-    model: ModelConfig = _f(ModelConfig, "The model to continue pre-training.")
-    data: DataConfig = _f(DataConfig, "Tokenized datasets (keizoku tokenize) and how samples are drawn.")
-    train: TrainConfig = _f(TrainConfig, "Batch sizes and length of training.")
-    optim: OptimConfig = _f(OptimConfig, "AdamW.")
-    schedule: ScheduleConfig = _f(ScheduleConfig, "Learning-rate schedule.")
-    checkpoint: CheckpointConfig = _f(CheckpointConfig, "Sharded checkpoints (torch.distributed.checkpoint).")
-    eval: EvalConfig = _f(EvalConfig, "Validation loss and perplexity on data.validation.")
-    logging: LoggingConfig = _f(LoggingConfig, "Metrics.")
-    parallel: ParallelConfig = _f(ParallelConfig, "Distribution over GPUs and nodes.")
-    megatron: MegatronConfig = _f(MegatronConfig, "engine: megatron only — Megatron-Bridge parallelism, precision "
-                                                  "and the HF import.")
+    engine: Literal["torch", "megatron"] = setting("torch", "torch: FSDP2 on the Hugging Face model; megatron: "
+                                                            "Megatron-Bridge.")
+    run_dir: str = setting("runs/keizoku", "Run directory: resolved config, checkpoints, metrics, logs.")
+    model: ModelConfig = setting(ModelConfig, "The model to continue pre-training.")
+    data: DataConfig = setting(DataConfig, "Tokenized datasets (keizoku tokenize) and how samples are drawn.")
+    train: TrainConfig = setting(TrainConfig, "Batch sizes and length of training.")
+    optim: OptimConfig = setting(OptimConfig, "AdamW.")
+    schedule: ScheduleConfig = setting(ScheduleConfig, "Learning-rate schedule.")
+    checkpoint: CheckpointConfig = setting(CheckpointConfig, "Sharded checkpoints (torch.distributed.checkpoint).")
+    eval: EvalConfig = setting(EvalConfig, "Validation loss and perplexity on data.validation.")
+    logging: LoggingConfig = setting(LoggingConfig, "Metrics.")
+    parallel: ParallelConfig = setting(ParallelConfig, "Distribution over GPUs and nodes.")
+    megatron: MegatronConfig = setting(MegatronConfig, "engine: megatron only — Megatron-Bridge parallelism, precision "
+                                                       "and the HF import.")
 
 
-class ConfigError(ValueError):
+class ConfigError(KeizokuError, ValueError):
     """Invalid configuration; the message names each key path at fault."""
 
 
-def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> KeizokuConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> KeizokuConfig:
     """Defaults, then the YAML file, then ``a.b=c`` overrides; type-checked and validated."""
     try:
         merged = OmegaConf.structured(KeizokuConfig)
@@ -269,11 +276,27 @@ def unsharded_grad_accumulation(p: ParallelConfig, world_size: int) -> bool:
 
 
 def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
-    """What the types cannot say; each message starts with the key path."""
-    err = []
-    m, d, t, o, s, c, e = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.schedule, cfg.checkpoint, cfg.eval
+    """What the types cannot say; each message starts with the key path. ``world_size``: checked against it too
+    once training has started (the command line does not know it yet)."""
+    return (_check_model(cfg) + _check_data(cfg.data) + _check_train(cfg.train)
+            + _check_parallelism(cfg, world_size) + _check_optim(cfg.optim)
+            + _check_schedule(cfg.schedule, cfg.train) + _check_run(cfg, world_size))
+
+
+def _check_model(cfg: KeizokuConfig) -> list[str]:
+    err, m = [], cfg.model
     if not m.hf_path:
         err.append("model.hf_path: required — the Hugging Face model (directory or hub id) to continue from")
+    if m.full_recompute_layers < 0:
+        err.append(f"model.full_recompute_layers: must be >= 0, not {m.full_recompute_layers}")
+    if m.full_recompute_layers > 0 and m.activation_checkpointing == "full":
+        err.append("model.full_recompute_layers: every layer already recomputes fully with "
+                   "model.activation_checkpointing: full (use none or selective for the other layers)")
+    return err
+
+
+def _check_data(d: DataConfig) -> list[str]:
+    err = []
     if not d.blend and not d.mock:
         err.append("data.blend: no training data given (keizoku never falls back to mock data; set data.mock: true "
                    "to train on random tokens)")
@@ -285,39 +308,47 @@ def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
         err.append(f"data.seq_length: must be at least 1, not {d.seq_length}")
     if d.num_workers < 0:
         err.append(f"data.num_workers: must be >= 0, not {d.num_workers}")
+    return err
+
+
+def _check_train(t: TrainConfig) -> list[str]:
+    err = []
     if (t.max_steps is None) == (t.max_tokens is None):
         err.append("train.max_steps / train.max_tokens: give exactly one")
     for key in ("max_steps", "max_tokens", "global_batch_size", "micro_batch_size"):
         value = getattr(t, key)
         if value is not None and value < 1:
             err.append(f"train.{key}: must be at least 1, not {value}")
-    dp = cfg.parallel.data_parallel_size or world_size
+    if t.loss_chunk_tokens is not None and t.loss_chunk_tokens < 0:
+        err.append(f"train.loss_chunk_tokens: must be >= 0 (0: no chunking), not {t.loss_chunk_tokens}")
+    return err
+
+
+def _check_parallelism(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
+    """The batch against the data-parallel size, and each engine's parallel settings."""
+    err, t, p = [], cfg.train, cfg.parallel
+    dp = p.data_parallel_size or world_size
     if cfg.engine == "megatron":
         model_parallel = _megatron_model_parallel(cfg.megatron)
-        dp = cfg.parallel.data_parallel_size or (world_size // model_parallel if world_size else None)
+        dp = p.data_parallel_size or (world_size // model_parallel if world_size else None)
         err += _check_megatron(cfg, world_size)
-    if t.micro_batch_size >= 1 and t.global_batch_size >= 1:
-        per_step = t.micro_batch_size * (dp or 1)
-        if t.global_batch_size % per_step:
-            what = f"train.micro_batch_size × data-parallel size = {t.micro_batch_size} × {dp}" if dp else \
-                f"train.micro_batch_size = {t.micro_batch_size}"
-            err.append(f"train.global_batch_size: {t.global_batch_size} is not divisible by {what}")
-    if cfg.engine == "torch" and cfg.parallel.data_parallel_size is not None and world_size is not None \
-            and cfg.parallel.data_parallel_size != world_size:
-        err.append(f"parallel.data_parallel_size: {cfg.parallel.data_parallel_size} differs from the world size "
+    if t.micro_batch_size >= 1 and t.global_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * (dp or 1)):
+        what = f"train.micro_batch_size × data-parallel size = {t.micro_batch_size} × {dp}" if dp else \
+            f"train.micro_batch_size = {t.micro_batch_size}"
+        err.append(f"train.global_batch_size: {t.global_batch_size} is not divisible by {what}")
+    if cfg.engine == "torch" and p.data_parallel_size is not None and world_size is not None \
+            and p.data_parallel_size != world_size:
+        err.append(f"parallel.data_parallel_size: {p.data_parallel_size} differs from the world size "
                    f"{world_size} (the torch engine is data-parallel only)")
-    if cfg.engine == "torch" and cfg.parallel.reduce_dtype == "bf16" and \
-            unsharded_grad_accumulation(cfg.parallel, world_size or 0):
+    if cfg.engine == "torch" and p.reduce_dtype == "bf16" and unsharded_grad_accumulation(p, world_size or 0):
         err.append("parallel.reduce_dtype: bf16 with unsharded gradient accumulation (parallel.grad_accumulation; "
                    "auto means unsharded on one GPU) would sum the micro batches in bf16; use fp32, or "
                    "grad_accumulation: sharded")
-    if m.full_recompute_layers < 0:
-        err.append(f"model.full_recompute_layers: must be >= 0, not {m.full_recompute_layers}")
-    if m.full_recompute_layers > 0 and m.activation_checkpointing == "full":
-        err.append("model.full_recompute_layers: every layer already recomputes fully with "
-                   "model.activation_checkpointing: full (use none or selective for the other layers)")
-    if t.loss_chunk_tokens is not None and t.loss_chunk_tokens < 0:
-        err.append(f"train.loss_chunk_tokens: must be >= 0 (0: no chunking), not {t.loss_chunk_tokens}")
+    return err
+
+
+def _check_optim(o: OptimConfig) -> list[str]:
+    err = []
     if not o.lr > 0:
         err.append(f"optim.lr: must be > 0, not {o.lr}")
     if not 0 <= o.min_lr <= o.lr:
@@ -327,12 +358,23 @@ def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
     for key in ("eps", "weight_decay", "grad_clip"):
         if getattr(o, key) < 0:
             err.append(f"optim.{key}: must be >= 0, not {getattr(o, key)}")
+    return err
+
+
+def _check_schedule(s: ScheduleConfig, t: TrainConfig) -> list[str]:
+    err = []
     if s.warmup_steps < 0:
         err.append(f"schedule.warmup_steps: must be >= 0, not {s.warmup_steps}")
     if t.max_steps is not None and s.warmup_steps > t.max_steps:
         err.append(f"schedule.warmup_steps: {s.warmup_steps} is more than train.max_steps ({t.max_steps})")
     if not 0 < s.decay_fraction <= 1:
         err.append(f"schedule.decay_fraction: must be in (0, 1], not {s.decay_fraction}")
+    return err
+
+
+def _check_run(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
+    """Checkpoints, evaluation and logging."""
+    err, c, e, lg = [], cfg.checkpoint, cfg.eval, cfg.logging
     if c.keep_last < 1:
         err.append(f"checkpoint.keep_last: must be at least 1, not {c.keep_last}")
     if c.interval < 0:
@@ -341,12 +383,12 @@ def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
         err.append(f"checkpoint.resume: {c.resume!r} is neither auto, none nor an existing checkpoint directory")
     if e.interval < 0 or e.batches < 1:
         err.append(f"eval: interval must be >= 0 and batches >= 1, not {e.interval} and {e.batches}")
-    if cfg.logging.interval < 1:
-        err.append(f"logging.interval: must be at least 1, not {cfg.logging.interval}")
-    if cfg.logging.profile_step < 0:
-        err.append(f"logging.profile_step: must be >= 0 (0: off), not {cfg.logging.profile_step}")
-    bad_ranks = [r for r in cfg.logging.profile_ranks if r < 0 or world_size is not None and r >= world_size]
-    if cfg.logging.profile_step and bad_ranks:
+    if lg.interval < 1:
+        err.append(f"logging.interval: must be at least 1, not {lg.interval}")
+    if lg.profile_step < 0:
+        err.append(f"logging.profile_step: must be >= 0 (0: off), not {lg.profile_step}")
+    bad_ranks = [r for r in lg.profile_ranks if r < 0 or world_size is not None and r >= world_size]
+    if lg.profile_step and bad_ranks:
         err.append(f"logging.profile_ranks: {bad_ranks} " + (f"not below the world size {world_size}" if world_size
                                                               else "negative"))
     return err
@@ -358,6 +400,11 @@ def _megatron_model_parallel(mg: MegatronConfig) -> int:
 
 def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
     """engine: megatron — combinations Megatron-Core would refuse later, or that keizoku cannot honour there."""
+    return _check_megatron_layout(cfg, world_size) + _megatron_cannot_honour(cfg)
+
+
+def _check_megatron_layout(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
+    """Parallelism, precision and overrides of the megatron section."""
     err = []
     mg = cfg.megatron
     for key in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
@@ -382,6 +429,24 @@ def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
     if mg.overlap_param_gather and not mg.distributed_optimizer:
         err.append("megatron.overlap_param_gather: needs megatron.distributed_optimizer: true (set "
                    "overlap_param_gather: false without it)")
+    for key in mg.overrides:
+        if key.split(".", 1)[0] not in _MEGATRON_OVERRIDE_SECTIONS or "." not in key:
+            err.append(f"megatron.overrides.{key}: expected SECTION.field with SECTION one of "
+                       f"{', '.join(_MEGATRON_OVERRIDE_SECTIONS)}")
+    model_parallel = _megatron_model_parallel(mg)
+    if world_size is not None and world_size % model_parallel:
+        err.append(f"megatron: the world size {world_size} is not divisible by tensor × pipeline × context parallel "
+                   f"= {mg.tensor_parallel} × {mg.pipeline_parallel} × {mg.context_parallel}")
+    elif world_size is not None and cfg.parallel.data_parallel_size is not None \
+            and cfg.parallel.data_parallel_size != world_size // model_parallel:
+        err.append(f"parallel.data_parallel_size: {cfg.parallel.data_parallel_size} differs from world size / "
+                   f"(tensor × pipeline × context parallel) = {world_size // model_parallel}")
+    return err
+
+
+def _megatron_cannot_honour(cfg: KeizokuConfig) -> list[str]:
+    """Settings of the shared sections (or engine torch's) that engine megatron does not offer."""
+    err, mg = [], cfg.megatron
     if cfg.model.full_recompute_layers and cfg.model.activation_checkpointing == "selective":
         err.append("model.full_recompute_layers: with activation_checkpointing: selective is engine: torch only "
                    "(Megatron recomputes either selectively or whole layers)")
@@ -407,18 +472,6 @@ def _check_megatron(cfg: KeizokuConfig, world_size: int | None) -> list[str]:
     if not cfg.checkpoint.save_at_end:
         err.append("checkpoint.save_at_end: false is not available with engine: megatron (Megatron-Bridge always "
                    "saves the last step)")
-    for key in mg.overrides:
-        if key.split(".", 1)[0] not in _MEGATRON_OVERRIDE_SECTIONS or "." not in key:
-            err.append(f"megatron.overrides.{key}: expected SECTION.field with SECTION one of "
-                       f"{', '.join(_MEGATRON_OVERRIDE_SECTIONS)}")
-    model_parallel = _megatron_model_parallel(mg)
-    if world_size is not None and world_size % model_parallel:
-        err.append(f"megatron: the world size {world_size} is not divisible by tensor × pipeline × context parallel "
-                   f"= {mg.tensor_parallel} × {mg.pipeline_parallel} × {mg.context_parallel}")
-    elif world_size is not None and cfg.parallel.data_parallel_size is not None \
-            and cfg.parallel.data_parallel_size != world_size // model_parallel:
-        err.append(f"parallel.data_parallel_size: {cfg.parallel.data_parallel_size} differs from world size / "
-                   f"(tensor × pipeline × context parallel) = {world_size // model_parallel}")
     return err
 
 
@@ -454,11 +507,11 @@ def to_yaml(cfg: KeizokuConfig) -> str:
 
 def save_resolved(cfg: KeizokuConfig, run_dir: str | os.PathLike) -> Path:
     """Write RUN_DIR/config.yaml (atomically): exactly what the run used."""
-    return write_atomic(Path(run_dir) / "config.yaml", to_yaml(cfg))
+    return write_atomic(RunDir(run_dir).config, to_yaml(cfg))
 
 
 def defaults_yaml() -> str:
-    """Every setting with its default and help text, as YAML that ``load`` reads back unchanged."""
+    """Every setting with its default and help text, as YAML that ``load_config`` reads back unchanged."""
     lines = ["# keizoku configuration: every setting, its default and what it means.",
              "# Use: keizoku train CONFIG.yaml [key.path=value ...] (command line > this file > defaults).", ""]
     _emit(KeizokuConfig(), lines, 0)

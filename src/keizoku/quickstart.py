@@ -32,7 +32,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from keizoku.files import write_atomic
+from keizoku.errors import KeizokuError
+from keizoku.rundir import ExitCode, RunDir, discard, read_jsonl, write_atomic
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SAMPLES = {"ja": ASSETS / "data" / "ja_sample.jsonl.gz", "en": ASSETS / "data" / "en_sample.jsonl.gz"}
@@ -49,7 +50,7 @@ BASE_MODEL = dict(model_type="llama", vocab_size=8002, hidden_size=128, intermed
                   bos_token_id=8000, eos_token_id=8001, tie_word_embeddings=False)
 
 
-class QuickstartError(RuntimeError):
+class QuickstartError(KeizokuError, RuntimeError):
     pass
 
 
@@ -65,7 +66,7 @@ class Options:
     force: bool = False
 
 
-def run(opts: Options, console: Console | None = None) -> dict:
+def run_quickstart(opts: Options, console: Console | None = None) -> dict:
     """Run (or reuse) every step; returns the summary shown at the end."""
     console = console or Console()
     t0 = time.perf_counter()
@@ -97,11 +98,7 @@ def _prepare_out(out: Path, force: bool) -> None:
                               "choose another --out or empty it")
     if force:
         for name in OWNED:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            discard(out / name)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -178,12 +175,11 @@ class _Quickstart:
         return {"documents": counts}
 
     def tokenize(self) -> dict:
-        from keizoku.data.tokenize import TokenizeOptions, summarize
-        from keizoku.data.tokenize import run as tokenize_run
+        from keizoku.data.tokenize import TokenizeOptions, summarize, tokenize
 
         inputs = [str(self.out / "data" / f"{lang}_{split}.jsonl") for lang in SAMPLES for split in ("train", "valid")]
         opts = TokenizeOptions(inputs=inputs, tokenizer=str(TOKENIZER), output_dir=self.out / "tokenized")
-        result = tokenize_run(opts, console=self.console, progress=self.console.is_terminal,
+        result = tokenize(opts, console=self.console, progress=self.console.is_terminal,
                               log=lambda m: self.console.print(m, highlight=False, markup=False, soft_wrap=True))
         datasets = {}
         for row in summarize(result):
@@ -237,7 +233,7 @@ class _Quickstart:
         evals = _evals(run_dir)
         train = [r for r in _metrics(run_dir) if r["kind"] == "train"]
         rates = sorted(r["tokens_per_s"] for r in train)
-        return {"run_dir": str(run_dir), "config": str(run_dir / "config.yaml"),
+        return {"run_dir": str(run_dir), "config": str(RunDir(run_dir).config),
                 "input_config": str(self.out / "configs" / "cpt.yaml"),
                 "before": {k: evals[0][f"{k}_loss"] for k in ("ja", "en")},
                 "after": {k: evals[-1][f"{k}_loss"] for k in ("ja", "en")},
@@ -275,8 +271,7 @@ class _Quickstart:
     def _fresh_run(self, name: str) -> Path:
         """A run made from other inputs is removed: resuming it would mix two runs."""
         run_dir = self.out / "runs" / name
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+        discard(run_dir)
         return run_dir
 
     def _config(self, name: str, values: dict):
@@ -284,7 +279,7 @@ class _Quickstart:
         way ``keizoku train CONFIG`` loads it."""
         from omegaconf import OmegaConf
 
-        from keizoku.config import load
+        from keizoku.config import load_config
 
         common = {
             "engine": "torch",
@@ -300,17 +295,17 @@ class _Quickstart:
         merged = OmegaConf.merge(OmegaConf.create(common), OmegaConf.create(values))
         write_atomic(path, OmegaConf.to_yaml(merged))
         self.console.print(f"config: {path}", highlight=False)
-        return load(path)
+        return load_config(path)
 
     def _train(self, cfg) -> None:
-        from keizoku.engines import run as run_engine
+        from keizoku.engines import train
 
-        status = run_engine(cfg)
-        if status != 0:
+        status = train(cfg)
+        if status != ExitCode.OK:
             raise QuickstartError(f"training {cfg.run_dir} ended with exit status {status}")
 
     def _export(self, run_dir: Path, out: Path) -> dict:
-        from keizoku.checkpoint.hf_export import export
+        from keizoku.engines import export
 
         info = export(run_dir, out, verify=True,
                       log=lambda m: self.console.print(m, highlight=False, markup=False, soft_wrap=True))
@@ -400,7 +395,7 @@ def _show_summary(s: dict, console: Console) -> None:
 # ---------------------------------------------------------------- small helpers
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return read_jsonl(RunDir(run_dir).metrics)
 
 
 def _evals(run_dir: Path) -> list[dict]:

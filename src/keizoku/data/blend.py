@@ -18,17 +18,18 @@ megatron-core's builder needs ``torch.distributed`` to be initialised (a one-pro
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from keizoku.config import DataConfig, DatasetEntry
+from keizoku.config import DataConfig, DatasetEntry, KeizokuConfig
 from keizoku.data import manifest as mf
 from keizoku.data.indexed import dataset_paths, read_index_header
+from keizoku.errors import KeizokuError
+from keizoku.rundir import RunDir
 
 
-class DataError(ValueError):
+class DataError(KeizokuError, ValueError):
     """A data setting that cannot be satisfied; the message names the config key."""
 
 
@@ -51,6 +52,21 @@ class MegatronTokenizerShim:
         self.vocab_size = vocab_size
         self.unique_identifiers = OrderedDict(
             [("class", "keizoku"), ("fingerprint", fingerprint), ("eod", eod), ("vocab_size", vocab_size)])
+
+
+def run_tokenizer(cfg: KeizokuConfig) -> MegatronTokenizerShim:
+    """What GPTDataset needs of the run's tokenizer (``model.tokenizer``, else ``model.hf_path``)."""
+    from keizoku.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_path)
+    if tok.eos_id is None:
+        raise DataError("model.tokenizer: the tokenizer has no eos token (the EOD that joins documents)")
+    return MegatronTokenizerShim(tok.eos_id, tok.vocab_size, tokenizer_fingerprint(tok))
+
+
+def sample_cache_dir(cfg: KeizokuConfig) -> Path:
+    """Where megatron-core caches the run's sample indices: ``data.cache_dir``, else ``RUN_DIR/data-cache``."""
+    return Path(cfg.data.cache_dir or RunDir(cfg.run_dir).data_cache).absolute()
 
 
 def resolve(entries: list[DatasetEntry], key: str) -> list[Source]:
@@ -109,13 +125,12 @@ def blend_of(sources: list[Source], total_tokens: int | None) -> tuple[list[str]
     return prefixes, weights
 
 
-def build(data: DataConfig, *, seq_length: int, train_samples: int, eval_samples: int, eod: int, vocab_size: int,
-          fingerprint: str, cache_dir: str | Path):
+def build(data: DataConfig, *, seq_length: int, train_samples: int, eval_samples: int,
+          tokenizer: MegatronTokenizerShim, cache_dir: str | Path):
     """(train dataset, {validation name: dataset}) built by megatron-core."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    tokenizer = MegatronTokenizerShim(eod, vocab_size, fingerprint)
     train_blend = blend_of(resolve(data.blend, "data.blend"), train_samples * seq_length)
     config = _gpt_config(data, seq_length, tokenizer, cache_dir, [train_blend, None, None])
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, None, None], lambda: True, config).build()
@@ -123,7 +138,7 @@ def build(data: DataConfig, *, seq_length: int, train_samples: int, eval_samples
                                    cache_dir=cache_dir)
 
 
-def build_validation(data: DataConfig, *, seq_length: int, eval_samples: int, tokenizer: "MegatronTokenizerShim",
+def build_validation(data: DataConfig, *, seq_length: int, eval_samples: int, tokenizer: MegatronTokenizerShim,
                      cache_dir: str | Path) -> dict:
     """{validation name: dataset} of ``data.validation``, ``eval_samples`` samples each (both engines use this, so
     they evaluate the same samples)."""
@@ -173,8 +188,3 @@ class SampleSampler:
     def __len__(self) -> int:
         return max(0, (self.total - self.consumed) // (self.micro * self.world))
 
-
-def samples_for(max_steps: int | None, max_tokens: int | None, global_batch: int, seq_length: int) -> tuple[int, int]:
-    """(optimizer steps, training samples) for a run of max_steps or max_tokens."""
-    steps = max_steps if max_steps is not None else math.ceil(max_tokens / (global_batch * seq_length))
-    return steps, steps * global_batch

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keizoku.rundir import publish, staging_path
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 DTYPE_CODES = {
@@ -53,6 +55,7 @@ DTYPE_CODES = {
     np.dtype(np.float32): 7,
     np.dtype(np.uint16): 8,
 }
+_HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # magic, version, dtype code, S, D
 _BLOCK = 1 << 20  # documents per block when streaming the index
 
 
@@ -67,11 +70,14 @@ def dataset_paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
 
 
 class IndexedDatasetWriter:
-    """Appends documents chunk by chunk, then writes ``.bin``/``.idx`` atomically.
+    """Appends documents chunk by chunk, then publishes ``.bin`` and ``.idx`` (``rundir.publish``).
 
-    Data goes to ``<prefix>.bin.tmp``, per-document lengths to ``<prefix>.lengths.tmp``; ``finalize``
-    writes ``<prefix>.idx.tmp`` and renames ``.bin`` then ``.idx`` into place, so a pair that exists
-    under its final names is always complete. ``abort`` removes the temporary files.
+    Until ``finalize`` everything is under staging names beside the final ones (``rundir.staging_path``): the
+    token ids in ``.tmp.P.bin``, each document's length in ``.tmp.P.lengths`` (scratch, deleted at the end).
+    ``finalize`` streams the index into ``.tmp.P.idx`` and renames ``.bin`` first, then ``.idx``, so a pair that
+    exists under its final names is always complete. ``abort`` removes the staged files. A dataset has one
+    writer at a time, so its staging names carry no process id: a run after a killed one writes over what the
+    killed one left.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype):
@@ -80,12 +86,11 @@ class IndexedDatasetWriter:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"unsupported dtype {self.dtype}")
         self.bin_path, self.idx_path = dataset_paths(self.prefix)
-        self._bin_tmp = Path(self.prefix + ".bin.tmp")
-        self._len_tmp = Path(self.prefix + ".lengths.tmp")
-        self._idx_tmp = Path(self.prefix + ".idx.tmp")
+        self._staged_bin, self._staged_idx, self._lengths_path = (
+            staging_path(p, tag="") for p in (self.bin_path, self.idx_path, Path(self.prefix + ".lengths")))
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        self._bin = open(self._bin_tmp, "wb")
-        self._lengths = open(self._len_tmp, "wb")
+        self._bin = open(self._staged_bin, "wb")
+        self._lengths = open(self._lengths_path, "wb")
         self.documents = 0
         self.tokens = 0
         self.empty_documents = 0
@@ -104,50 +109,52 @@ class IndexedDatasetWriter:
     def finalize(self) -> None:
         self._bin.close()
         self._lengths.close()
-        sequences = self.documents - self.empty_documents
-        itemsize = self.dtype.itemsize
-        with open(self._idx_tmp, "wb") as idx:
-            idx.write(INDEX_MAGIC)
-            idx.write(struct.pack("<Q", INDEX_VERSION))
-            idx.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
-            idx.write(struct.pack("<Q", sequences))
-            idx.write(struct.pack("<Q", self.documents + 1))
-            # three passes over the spilled lengths: lengths, byte offsets, document index
-            for block in self._length_blocks():
-                idx.write(block[block > 0].data)
-            offset = 0
-            for block in self._length_blocks():
-                seq = block[block > 0].astype(np.int64)
-                pointers = np.empty(len(seq), dtype=np.int64)
-                if len(seq):
-                    pointers[0] = offset
-                    np.cumsum(seq[:-1] * itemsize, out=pointers[1:])
-                    pointers[1:] += offset
-                    offset += int(seq.sum()) * itemsize
-                idx.write(pointers.data)
-            idx.write(np.zeros(1, dtype=np.int64).data)
-            seen = 0
-            for block in self._length_blocks():
-                counts = np.cumsum(block > 0, dtype=np.int64) + seen
-                if len(counts):
-                    seen = int(counts[-1])
-                idx.write(counts.data)
-            idx.flush()
-            os.fsync(idx.fileno())
-        _fsync_path(self._bin_tmp)
-        os.replace(self._bin_tmp, self.bin_path)
-        os.replace(self._idx_tmp, self.idx_path)
-        self._len_tmp.unlink(missing_ok=True)
+        with open(self._staged_idx, "wb") as idx:
+            self._write_index(idx)
+        publish(self._staged_bin, self.bin_path, replace=True)
+        publish(self._staged_idx, self.idx_path, replace=True)
+        self._lengths_path.unlink(missing_ok=True)
 
     def abort(self) -> None:
         for f in (self._bin, self._lengths):
             if not f.closed:
                 f.close()
-        for p in (self._bin_tmp, self._len_tmp, self._idx_tmp):
+        for p in (self._staged_bin, self._lengths_path, self._staged_idx):
             p.unlink(missing_ok=True)
 
+    def _write_index(self, idx) -> None:
+        """The header, then three passes over the spilled lengths: lengths, byte offsets, document index."""
+        idx.write(INDEX_MAGIC)
+        idx.write(struct.pack("<Q", INDEX_VERSION))
+        idx.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
+        idx.write(struct.pack("<Q", self.documents - self.empty_documents))
+        idx.write(struct.pack("<Q", self.documents + 1))
+        for block in self._length_blocks():
+            idx.write(block[block > 0].data)
+        self._write_pointers(idx)
+        idx.write(np.zeros(1, dtype=np.int64).data)
+        seen = 0
+        for block in self._length_blocks():
+            counts = np.cumsum(block > 0, dtype=np.int64) + seen
+            if len(counts):
+                seen = int(counts[-1])
+            idx.write(counts.data)
+
+    def _write_pointers(self, idx) -> None:
+        """Each sequence's byte offset in ``.bin``."""
+        offset, itemsize = 0, self.dtype.itemsize
+        for block in self._length_blocks():
+            seq = block[block > 0].astype(np.int64)
+            pointers = np.empty(len(seq), dtype=np.int64)
+            if len(seq):
+                pointers[0] = offset
+                np.cumsum(seq[:-1] * itemsize, out=pointers[1:])
+                pointers[1:] += offset
+                offset += int(seq.sum()) * itemsize
+            idx.write(pointers.data)
+
     def _length_blocks(self):
-        with open(self._len_tmp, "rb") as f:
+        with open(self._lengths_path, "rb") as f:
             while True:
                 raw = f.read(_BLOCK * 4)
                 if not raw:
@@ -155,15 +162,10 @@ class IndexedDatasetWriter:
                 yield np.frombuffer(raw, dtype=np.int32)
 
 
-def _fsync_path(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def read_index_header(idx_path: str | os.PathLike) -> dict:
     """Header fields of an ``.idx`` file: dtype, sequence count, document count."""
     with open(idx_path, "rb") as f:
-        head = f.read(len(INDEX_MAGIC) + 8 + 1 + 8 + 8)
+        head = f.read(_HEADER_BYTES)
     if not head.startswith(INDEX_MAGIC):
         raise ValueError(f"{idx_path}: not a Megatron MMIDIDX index (bad magic)")
     (version,) = struct.unpack_from("<Q", head, 9)
@@ -183,7 +185,7 @@ class IndexedDatasetReader:
         header = read_index_header(self.idx_path)
         self.dtype = header["dtype"]
         s, d = header["sequences"], header["documents"] + 1
-        offset = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
+        offset = _HEADER_BYTES
         idx = np.memmap(self.idx_path, mode="r", dtype=np.uint8)
         self.sequence_lengths = np.frombuffer(idx, dtype=np.int32, count=s, offset=offset)
         offset += 4 * s

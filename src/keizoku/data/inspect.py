@@ -28,11 +28,8 @@ def resolve(path: str) -> tuple[list[str], Path | None, dict]:
 
 
 def manifest_entry(manifest_path: Path | None, manifest: dict, prefix: str) -> dict | None:
-    if manifest_path is None:
-        return None
-    import os
-
-    return manifest["datasets"].get(os.path.relpath(Path(prefix).absolute(), manifest_path.parent.absolute()))
+    """What the manifest records about the dataset at ``prefix``, if it lists it."""
+    return None if manifest_path is None else manifest["datasets"].get(mf.entry_name(manifest_path, prefix))
 
 
 def stats(prefix: str) -> dict:

@@ -1,99 +1,152 @@
-"""Input discovery and chunked reading of JSONL (plain, gzip, zstd) and Parquet files.
+"""Input formats of ``keizoku tokenize``: one ``Reader`` class per format, found by file name in one registry.
 
-Readers run in the main process and hand out *chunks*: a few MB of whole lines (or a Parquet record
-batch) with the number of their first line, so that every parse error can name ``path:line`` and
-worker processes can tokenize chunk by chunk. Reading is cheap next to tokenizing; keeping it in one place
-keeps the output order fixed whatever the number of workers.
+A reader reads one input file once, front to back, in the main process, and hands out *chunks*: a few MB of
+whole lines, or one record batch, each with the number of its first line (row), so that a bad record is
+reported as ``path:line`` and worker processes can tokenize chunk by chunk while the output keeps the input's
+order. Reading is cheap next to tokenizing.
+
+**The Reader protocol** (``Reader``):
+
+- ``cls(path, keys, chunk_bytes)``: ``keys`` are the fields (columns) that hold the texts, ``chunk_bytes`` about
+  how much input one chunk holds. A file that this format cannot read, or that lacks a key's column, may raise
+  ``InputError`` here.
+- ``iter(reader)``: the file's chunks (``Chunk``), in order. A chunk knows how its records become texts
+  (``Chunk.records``): ``Lines`` are whole lines of JSON, ``Rows`` a record batch of columns. A stream that is
+  cut or corrupt ends with a chunk of the whole lines before the damage, whose ``truncated`` says so.
+- ``reader.sha256``: the SHA-256 of the file as it is on disk, once the iteration has ended.
+
+**The registry**: ``@register(suffix, …)`` on a reader class. What discovery accepts (``suffixes``,
+``input_suffix``) and the reader for a file (``reader_for``, ``open_reader``; the longest matching suffix wins)
+both come from it: a new format is one class and its ``@register`` line.
+
+Formats: JSON Lines (``.jsonl``, ``.json``: one JSON object a line), gzip- or zstd-compressed (they differ only
+in how the bytes are decompressed); Parquet (``.parquet``: the key columns, read a record batch at a time).
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
 import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Protocol, Sequence
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".json", ".json.gz", ".json.zst")
-PARQUET_SUFFIXES = (".parquet",)
-SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
+from keizoku.data.records import Record, field_texts, json_texts
+from keizoku.errors import KeizokuError
+
+DEFAULT_CHUNK_BYTES = 4 << 20
 
 
-class InputError(Exception):
+class InputError(KeizokuError):
     """Bad input that stops the run: the message names the file (and line) at fault."""
 
 
-@dataclass(frozen=True)
-class InputFile:
-    path: Path
-    name: str  # path relative to the directory it was found in (or the file name), without suffix
-
-    @property
-    def is_parquet(self) -> bool:
-        return self.path.name.endswith(PARQUET_SUFFIXES)
-
-
-def input_suffix(path: Path) -> str | None:
-    name = path.name
-    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
-
-
-def discover(inputs: list[str]) -> list[InputFile]:
-    """Files, directories (recursive) and globs, in a fixed order: as given; sorted within each."""
-    found: list[InputFile] = []
-    seen: set[Path] = set()
-
-    def add(path: Path, base: Path | None) -> None:
-        real = path.resolve()
-        if real in seen:
-            return
-        seen.add(real)
-        suffix = input_suffix(path)
-        rel = path.relative_to(base) if base is not None else Path(path.name)
-        found.append(InputFile(path=path, name=str(rel)[: -len(suffix)]))
-
-    for spec in inputs:
-        p = Path(spec)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and input_suffix(f))
-            if not files:
-                raise InputError(f"{spec}: directory has no input files ({', '.join(SUFFIXES)})")
-            for f in files:
-                add(f, p)
-        elif p.is_file():
-            if input_suffix(p) is None:
-                raise InputError(f"{spec}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
-            add(p, None)
-        elif glob.has_magic(spec):
-            files = sorted(Path(f) for f in glob.glob(spec, recursive=True)
-                           if Path(f).is_file() and input_suffix(Path(f)))
-            if not files:
-                raise InputError(f"{spec}: pattern matches no input files")
-            for f in files:
-                add(f, None)
-        else:
-            raise InputError(f"{spec}: no such file or directory")
-    return found
-
+# --- chunks ------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Chunk:
-    """Whole lines from one file (``data``), or a Parquet record batch (``batch``)."""
+    """Consecutive records of one file: the number of the first, and how far into the file on disk they end."""
 
     first_line: int
-    data: bytes | None = None
-    batch: object | None = None  # pyarrow.RecordBatch
-    rows: int = 0
-    disk_pos: int = 0  # bytes of the file on disk consumed so far (for progress)
-    truncated: str | None = None  # set on the last chunk of a file that ended early
+    disk_pos: int  # bytes of the file on disk read once this chunk was (for progress)
+    truncated: str | None = None  # on the last chunk of a stream that is cut or corrupt: what was lost
 
-    def without_payload(self) -> "Chunk":
-        """The same chunk minus its data, to keep in a queue once the data has been parsed."""
-        return Chunk(self.first_line, rows=self.rows, disk_pos=self.disk_pos, truncated=self.truncated)
+    @property
+    def text_bytes(self) -> int:
+        """The input bytes the chunk stands for (what the manifest's ``input_bytes`` adds up)."""
+        raise NotImplementedError
 
+    def records(self, keys: Sequence[str]) -> Iterator[Record]:
+        """``(line, texts, None)`` for each good record, ``(line, None, reason)`` for each bad one."""
+        raise NotImplementedError
+
+
+@dataclass
+class Lines(Chunk):
+    """Whole lines of JSON, newline-terminated but perhaps the file's last."""
+
+    data: bytes = b""
+
+    @property
+    def text_bytes(self) -> int:
+        return len(self.data)
+
+    def records(self, keys: Sequence[str]) -> Iterator[Record]:
+        lines = self.data.split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        for i, line in enumerate(lines):
+            yield (self.first_line + i, *json_texts(line, keys))
+
+
+@dataclass
+class Rows(Chunk):
+    """A record batch (``pyarrow.RecordBatch``) of the key columns."""
+
+    batch: object = None
+
+    @property
+    def text_bytes(self) -> int:
+        return self.batch.nbytes
+
+    def records(self, keys: Sequence[str]) -> Iterator[Record]:
+        columns = [self.batch.column(self.batch.schema.get_field_index(k)).to_pylist() for k in keys]
+        for i, values in enumerate(zip(*columns)):
+            yield (self.first_line + i, *field_texts(values, keys, "column "))
+
+
+# --- the protocol and the registry -------------------------------------------------------------------------------
+
+class Reader(Protocol):
+    """One input file, read once (see the module docstring)."""
+
+    path: Path
+
+    def __init__(self, path: Path, keys: Sequence[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None: ...
+
+    def __iter__(self) -> Iterator[Chunk]: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+
+_FORMATS: dict[str, type[Reader]] = {}
+
+
+def register(*suffixes: str) -> Callable[[type], type]:
+    """Class decorator: the class reads files whose names end with one of ``suffixes``."""
+    def add(cls: type) -> type:
+        for suffix in suffixes:
+            _FORMATS[suffix] = cls
+        return cls
+    return add
+
+
+def suffixes() -> list[str]:
+    """Every file-name suffix a reader is registered for."""
+    return list(_FORMATS)
+
+
+def input_suffix(path: Path | str) -> str | None:
+    """The longest registered suffix ``path``'s name ends with; None if it is not an input file."""
+    name = Path(path).name
+    return max((s for s in _FORMATS if name.endswith(s)), key=len, default=None)
+
+
+def reader_for(path: Path | str) -> type[Reader]:
+    suffix = input_suffix(path)
+    if suffix is None:
+        raise InputError(f"{path}: unsupported file type (expected one of {', '.join(suffixes())})")
+    return _FORMATS[suffix]
+
+
+def open_reader(path: Path | str, keys: Sequence[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Reader:
+    return reader_for(path)(Path(path), keys, chunk_bytes)
+
+
+# --- JSON Lines ----------------------------------------------------------------------------------------------------
 
 class _HashingReader(io.RawIOBase):
     """Wraps a binary file, hashing every byte read from disk (the input fingerprint)."""
@@ -114,49 +167,86 @@ class _HashingReader(io.RawIOBase):
         return n
 
 
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            h.update(data)
-    return h.hexdigest()
-
-
+@register(".jsonl", ".json")
 class JsonlReader:
-    """Yields chunks of whole lines; ``sha256`` is the digest of the file on disk once exhausted."""
+    """JSON Lines, uncompressed. Subclasses differ only in ``decompressed``: the line chunking is shared."""
 
-    def __init__(self, path: Path, chunk_bytes: int = 4 << 20):
-        self.path = path
+    stream = "input"  # what a message about a cut or corrupt stream calls it
+
+    def __init__(self, path: Path, keys: Sequence[str] = (), chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.path = Path(path)
         self.chunk_bytes = chunk_bytes
-        self._raw = _HashingReader(open(path, "rb"))
-        name = path.name
-        self._kind = "gzip" if name.endswith(".gz") else "zstd" if name.endswith((".zst", ".zstd")) else None
+        self._disk: _HashingReader | None = None
 
     @property
     def sha256(self) -> str:
-        return self._raw.sha.hexdigest()
+        return self._disk.sha.hexdigest()
 
-    def _blocks(self) -> Iterator[bytes]:
-        """Decompressed data; raises EOFError/OSError/zlib.error when the stream is cut or corrupt."""
-        if self._kind == "gzip":
-            # small reads: a cut-off stream raises on the read that hits the cut, losing only that read
-            stream = gzip.GzipFile(fileobj=self._raw, mode="rb")
-            while block := stream.read(1 << 16):
-                yield block
-        elif self._kind == "zstd":
-            yield from self._zstd_blocks()
-        else:
-            while block := self._raw.read(self.chunk_bytes):
-                yield block
+    def decompressed(self, disk: io.RawIOBase) -> Iterator[bytes]:
+        """The file's text in blocks; raises EOFError, OSError or zlib.error where the stream is cut or corrupt."""
+        while block := disk.read(self.chunk_bytes):
+            yield block
 
-    def _zstd_blocks(self) -> Iterator[bytes]:
-        # zstandard's stream_reader returns a cut-off frame as if it were complete; a decompressobj
-        # per frame tells us whether the last frame ended
+    def __iter__(self) -> Iterator[Lines]:
+        with open(self.path, "rb") as f:
+            self._disk = _HashingReader(f)
+            yield from self._line_chunks(self.decompressed(self._disk))
+
+    def _line_chunks(self, blocks: Iterator[bytes]) -> Iterator[Lines]:
+        """Cut the text after the last newline once at least ``chunk_bytes`` are pending and a newline came in."""
+        line, pending, size = 1, [], 0
+        try:
+            for block in blocks:
+                pending.append(block)
+                size += len(block)
+                if size >= self.chunk_bytes and b"\n" in block:
+                    data = b"".join(pending)
+                    cut = data.rfind(b"\n") + 1
+                    yield Lines(line, self._disk.pos, data=data[:cut])
+                    line += data.count(b"\n", 0, cut)
+                    pending, size = [data[cut:]], len(data) - cut
+        except (EOFError, OSError, zlib.error) as e:
+            yield self._damaged(b"".join(pending), line, e)
+            return
+        if size:  # the rest: the last line has no newline, or the text was shorter than a chunk
+            yield Lines(line, self._disk.pos, data=b"".join(pending))
+
+    def _damaged(self, data: bytes, line: int, err: Exception) -> Lines:
+        """The whole lines before the damage; the partial last line is lost."""
+        cut = data.rfind(b"\n") + 1
+        last_good = line + data.count(b"\n", 0, cut) - 1
+        return Lines(line, self._disk.pos, data=data[:cut],
+                     truncated=f"truncated input: {self.stream} stream cut or corrupt ({err}); "
+                               f"data after line {last_good} lost")
+
+
+@register(".jsonl.gz", ".json.gz")
+class GzipJsonlReader(JsonlReader):
+    """JSON Lines, gzip-compressed (one member or several)."""
+
+    stream = "gzip"
+
+    def decompressed(self, disk: io.RawIOBase) -> Iterator[bytes]:
+        # small reads: a cut-off stream raises on the read that hits the cut, losing only that read
+        stream = gzip.GzipFile(fileobj=disk, mode="rb")
+        while block := stream.read(1 << 16):
+            yield block
+
+
+@register(".jsonl.zst", ".jsonl.zstd", ".json.zst")
+class ZstdJsonlReader(JsonlReader):
+    """JSON Lines, zstd-compressed (one frame or several)."""
+
+    stream = "zstd"
+
+    def decompressed(self, disk: io.RawIOBase) -> Iterator[bytes]:
+        # zstandard's stream_reader returns a cut-off frame as if it were complete; a decompressobj per frame
+        # tells whether the last frame ended
         import zstandard
 
         dctx = zstandard.ZstdDecompressor()
         dobj, fed = dctx.decompressobj(), False
-        while raw := self._raw.read(1 << 20):
+        while raw := disk.read(1 << 20):
             while raw:
                 try:
                     out = dobj.decompress(raw)
@@ -173,74 +263,43 @@ class JsonlReader:
         if fed:
             raise EOFError("zstd stream ended inside a frame")
 
-    def __iter__(self) -> Iterator[Chunk]:
-        line = 1
-        pending: list[bytes] = []  # decompressed blocks not yet handed out
-        size = 0
-        blocks = self._blocks()
-        try:
-            while True:
-                try:
-                    block = next(blocks, b"")
-                except (EOFError, OSError, zlib.error) as e:
-                    yield self._truncated(b"".join(pending), line, e)
-                    return
-                if block:
-                    pending.append(block)
-                    size += len(block)
-                    if size < self.chunk_bytes:
-                        continue
-                data = b"".join(pending)
-                cut = data.rfind(b"\n") + 1 if block else len(data)
-                if cut == 0:  # one line longer than a chunk: keep reading
-                    pending, size = [data], len(data)
-                    continue
-                rest = data[cut:]
-                pending, size = ([rest], len(rest)) if rest else ([], 0)
-                if cut:
-                    yield Chunk(first_line=line, data=data[:cut], disk_pos=self._raw.pos)
-                    line += data.count(b"\n", 0, cut)
-                if not block:
-                    return
-        finally:
-            self._raw.f.close()
 
-    def _truncated(self, carry: bytes, line: int, err: Exception) -> Chunk:
-        # complete lines before the damage are kept; the partial last line is not
-        cut = carry.rfind(b"\n") + 1
-        last_good = line + carry[:cut].count(b"\n") - 1
-        what = self._kind or "input"
-        return Chunk(first_line=line, data=carry[:cut], disk_pos=self._raw.pos,
-                     truncated=f"truncated input: {what} stream cut or corrupt ({err}); data after line {last_good} lost")
+# --- Parquet -------------------------------------------------------------------------------------------------------
 
-
+@register(".parquet")
 class ParquetReader:
-    """Yields record batches of the text columns; row numbers count from 1."""
+    """Parquet: the key columns, a record batch of ``chunk_bytes / 1 KiB`` rows at a time; rows count from 1."""
 
-    def __init__(self, path: Path, columns: list[str], rows_per_chunk: int = 4096):
+    def __init__(self, path: Path, keys: Sequence[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         import pyarrow.parquet as pq
 
-        self.path = path
+        self.path = Path(path)
         try:
             self._file = pq.ParquetFile(path)
         except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError variants
             raise InputError(f"{path}: cannot read Parquet file: {e}") from e
         names = self._file.schema_arrow.names
-        missing = [c for c in columns if c not in names]
+        missing = [k for k in keys if k not in names]
         if missing:
             raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)})")
-        self.columns = columns
-        self.rows_per_chunk = rows_per_chunk
-        self._size = path.stat().st_size
-        self._rows = self._file.metadata.num_rows
+        self.keys = list(keys)
+        self.rows_per_chunk = max(1, chunk_bytes >> 10)
 
     @property
     def sha256(self) -> str:
         return file_sha256(self.path)
 
-    def __iter__(self) -> Iterator[Chunk]:
-        row = 1
-        for batch in self._file.iter_batches(batch_size=self.rows_per_chunk, columns=self.columns):
-            pos = int(self._size * min(1.0, (row - 1 + batch.num_rows) / max(1, self._rows)))
-            yield Chunk(first_line=row, batch=batch, rows=batch.num_rows, disk_pos=pos)
+    def __iter__(self) -> Iterator[Rows]:
+        size, total, row = self.path.stat().st_size, max(1, self._file.metadata.num_rows), 1
+        for batch in self._file.iter_batches(batch_size=self.rows_per_chunk, columns=self.keys):
+            pos = int(size * min(1.0, (row - 1 + batch.num_rows) / total))
+            yield Rows(row, pos, batch=batch)
             row += batch.num_rows
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()

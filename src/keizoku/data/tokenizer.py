@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from keizoku.data.indexed import optimal_dtype
-from keizoku.files import write_atomic
+from keizoku.rundir import write_atomic
 
 # Text that exercises the pre-tokenizer: scripts, digits, contractions, whitespace runs, emoji.
 PROBE_TEXTS = [
@@ -73,10 +73,7 @@ def unicode_classes() -> bytes:
     table[0x0A] |= 8
     table[0x0D] |= 8
     data = bytes(table)
-    try:
-        write_atomic(path, data)
-    except OSError:
-        pass
+    _cache_write(path, data)
     return data
 
 
@@ -342,8 +339,7 @@ class Prepared:
         """The Hugging Face path, after check_fast_path() said no."""
         from dataclasses import replace
 
-        note = f"fast BPE path disagrees with Hugging Face ({why}); using Hugging Face"
-        info = replace(self.info, backend=self.fallback.backend, fast_path_note=note,
+        info = replace(self.info, backend=self.fallback.backend, fast_path_note=_disagrees(why),
                        engine=encoder_for(self.fallback).engine)
         return Prepared(info, self.fallback)
 
@@ -358,26 +354,8 @@ def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
     """
     tok = load_tokenizer(name_or_path, use_fast=use_fast)
     fingerprint = tokenizer_fingerprint(tok)
-    fallback = None
-    if tok.backend_json is None:
-        spec, note = EncoderSpec(backend="hf-slow", name_or_path=name_or_path), "slow (Python) tokenizer"
-        encoder_for(spec, slow=tok.slow)
-    else:
-        spec, note = EncoderSpec(backend="hf-fast", backend_json=tok.backend_json), ""
-        if not fast_bpe:
-            note = "fast BPE path disabled (--no-fast-bpe)"
-        else:
-            fast, note = _tiktoken_spec(tok.backend_json, tok.backend_cfg)
-            if fast is not None:
-                if defer_check:
-                    spec, fallback = fast, spec
-                    note = "exact fast BPE path; checking it against Hugging Face alongside"
-                else:
-                    ok, why = check_fast_path(fast, sample_texts or [], fingerprint)
-                    if ok:
-                        spec = fast
-                    else:
-                        note = f"fast BPE path disagrees with Hugging Face ({why}); using Hugging Face"
+    spec, fallback, note = _choose_encoder(tok, name_or_path, fast_bpe, fingerprint,
+                                           None if defer_check else sample_texts or [])
     info = TokenizerInfo(
         name_or_path=str(name_or_path),
         class_name=tok.class_name,
@@ -391,6 +369,30 @@ def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
         engine=encoder_for(spec).engine,
     )
     return Prepared(info, spec, fallback)
+
+
+def _choose_encoder(tok: LoadedTokenizer, name_or_path: str, fast_bpe: bool, fingerprint: str,
+                    check_on: list[str] | None) -> tuple[EncoderSpec, EncoderSpec | None, str]:
+    """(the encoder, the one to fall back to while it is unchecked, a note on the choice). ``check_on``: the
+    texts to check the fast path on now; None leaves the check to the caller."""
+    if tok.backend_json is None:
+        spec = EncoderSpec(backend="hf-slow", name_or_path=name_or_path)
+        encoder_for(spec, slow=tok.slow)
+        return spec, None, "slow (Python) tokenizer"
+    hf = EncoderSpec(backend="hf-fast", backend_json=tok.backend_json)
+    if not fast_bpe:
+        return hf, None, "fast BPE path disabled (--no-fast-bpe)"
+    fast, note = _tiktoken_spec(tok.backend_json, tok.backend_cfg)
+    if fast is None:
+        return hf, None, note
+    if check_on is None:
+        return fast, hf, "exact fast BPE path; checking it against Hugging Face alongside"
+    ok, why = check_fast_path(fast, check_on, fingerprint)
+    return (fast, None, note) if ok else (hf, None, _disagrees(why))
+
+
+def _disagrees(why: str) -> str:
+    return f"fast BPE path disagrees with Hugging Face ({why}); using Hugging Face"
 
 
 def check_fast_path(spec: EncoderSpec, sample_texts: list[str], fingerprint: str) -> tuple[bool, str]:
@@ -505,35 +507,37 @@ def _merges_are_rank_order(backend_json: str, fingerprint: str) -> tuple[bool, s
     except (OSError, ValueError, KeyError):
         pass
     model = json.loads(backend_json)["model"]
-    vocab, merges = model["vocab"], model.get("merges") or []
-    pairs = set()
-    last = -1
-    ok, why = True, ""
+    why = _rank_order_violation(model["vocab"], model.get("merges") or [])
+    _cache_write(cache, json.dumps({"ok": not why, "why": why}))
+    return not why, why
+
+
+def _rank_order_violation(vocab: dict[str, int], merges: list) -> str:
+    """Why merge-priority BPE is not rank-based BPE over this vocabulary; "" when it is."""
+    pairs, last = set(), -1
     for i, m in enumerate(merges):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         rank = vocab.get(a + b)
         if rank is None or a not in vocab or b not in vocab:
-            ok, why = False, f"merge {i} ({a!r}, {b!r}) is not between vocabulary tokens"
-            break
+            return f"merge {i} ({a!r}, {b!r}) is not between vocabulary tokens"
         if rank < last:
-            ok, why = False, f"merge {i} is out of rank order"
-            break
+            return f"merge {i} is out of rank order"
         last = rank
         pairs.add((a, b))
-    if ok:
-        for tok in vocab:
-            for k in range(1, len(tok)):
-                left = tok[:k]
-                if left in vocab and tok[k:] in vocab and (left, tok[k:]) not in pairs:
-                    ok, why = False, f"token {tok!r} splits into vocabulary tokens that are not a merge"
-                    break
-            if not ok:
-                break
+    for tok in vocab:
+        for k in range(1, len(tok)):
+            left, right = tok[:k], tok[k:]
+            if left in vocab and right in vocab and (left, right) not in pairs:
+                return f"token {tok!r} splits into vocabulary tokens that are not a merge"
+    return ""
+
+
+def _cache_write(path: Path, data: str | bytes) -> None:
+    """Keep ``data`` in the cache; a cache that cannot be written only costs time."""
     try:
-        write_atomic(cache, json.dumps({"ok": ok, "why": why}))
+        write_atomic(path, data)
     except OSError:
         pass
-    return ok, why
 
 
 def _cache_dir() -> Path:

@@ -1,21 +1,84 @@
-"""Training engines behind one small interface: ``run(config) -> exit status``.
+"""Training engines behind one small interface; ``engine:`` in the config chooses one here, and nowhere else.
 
-``torch``: FSDP2 on the Hugging Face model (keizoku.engines.torch). ``megatron``: Megatron-Bridge
-(keizoku.engines.megatron), imported only for ``engine: megatron``.
+Every engine offers the same entry points (``ENGINES``: where each one lives, imported only when called):
+
+- ``train(cfg) -> int``: train the config from its run directory's newest checkpoint (or the base model); the
+  process exit status (``keizoku.rundir.ExitCode``);
+- ``export(run_dir, out, *, step, verify, log) -> dict``: a checkpoint of the run → a Hugging Face model
+  directory, verified; returns what ``out/keizoku_export.json`` records;
+- ``import_hf(hf_path, *, out | import_dir, ...)``: for an engine that trains on its own format of the HF weights
+  (megatron), the import ``keizoku convert import`` makes; ``None`` where the engine reads HF checkpoints itself.
+
+``torch``: FSDP2 on the Hugging Face model (``keizoku.engines.torch``). ``megatron``: Megatron-Bridge
+(``keizoku.engines.megatron``), imported only for ``engine: megatron``. Adding an engine: a package with these
+functions, its line in ``ENGINES`` and its name in ``KeizokuConfig.engine``.
 """
 
 from __future__ import annotations
 
-from keizoku.config import KeizokuConfig
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from keizoku.config import KeizokuConfig, load_config
+from keizoku.errors import KeizokuError
+from keizoku.rundir import Checkpoint, RunDir, find_checkpoint
 
 
-def run(cfg: KeizokuConfig) -> int:
-    if cfg.engine == "torch":
-        from keizoku.engines.torch.trainer import run as run_torch
+@dataclass(frozen=True)
+class EntryPoints:
+    """``module:function`` of each entry point of an engine."""
 
-        return run_torch(cfg)
-    if cfg.engine == "megatron":
-        from keizoku.engines.megatron.trainer import run as run_megatron
+    train: str
+    export: str
+    import_hf: Optional[str] = None
 
-        return run_megatron(cfg)
-    raise NotImplementedError(f"engine: {cfg.engine!r} is not available in this version of keizoku")
+
+ENGINES = {
+    "torch": EntryPoints(train="keizoku.engines.torch.trainer:train", export="keizoku.engines.torch.export:export"),
+    "megatron": EntryPoints(train="keizoku.engines.megatron.trainer:train",
+                            export="keizoku.engines.megatron.export:export",
+                            import_hf="keizoku.engines.megatron.importer:import_for_cli"),
+}
+
+
+class ExportError(KeizokuError, ValueError):
+    """A run cannot be exported as asked; the message names the run directory or checkpoint."""
+
+
+def entry_point(engine: str, name: str) -> Callable:
+    """The function ``name`` (train, export, import_hf) of ``engine``, imported now."""
+    if engine not in ENGINES:
+        raise KeizokuError(f"engine: {engine!r} is not available in this version of keizoku ({', '.join(ENGINES)})")
+    where = getattr(ENGINES[engine], name)
+    if where is None:
+        raise KeizokuError(f"engine {engine} has no {name}: it needs none")
+    module, function = where.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def train(cfg: KeizokuConfig) -> int:
+    """Train with ``cfg.engine``; the exit status."""
+    return entry_point(cfg.engine, "train")(cfg)
+
+
+def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, verify: bool = True, log=print) -> dict:
+    """Export a run's checkpoint with the engine that trained it (its ``config.yaml`` says which)."""
+    cfg = load_config(RunDir(run_dir).config)
+    return entry_point(cfg.engine, "export")(Path(run_dir), Path(out), step=step, verify=verify, log=log)
+
+
+def import_hf(engine: str, hf_path: str, **options) -> Path:
+    """``keizoku convert import``: the HF checkpoint in ``engine``'s own format (see ``EntryPoints.import_hf``)."""
+    return entry_point(engine, "import_hf")(hf_path, **options)
+
+
+def checkpoint_to_export(run_dir: Path, step: int | None, engine: str) -> Checkpoint:
+    """The complete checkpoint of ``step`` (None: the newest) that an export reads, or an ExportError."""
+    found = find_checkpoint(run_dir, step, engine)
+    if found is not None:
+        return found
+    if step is None:
+        raise ExportError(f"{run_dir}: no complete checkpoint in {RunDir(run_dir).checkpoints}")
+    raise ExportError(f"{RunDir(run_dir).checkpoints}: no complete checkpoint for step {step}")

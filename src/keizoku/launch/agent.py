@@ -16,7 +16,9 @@ through torch.distributed's ``env://`` rendezvous (a TCPStore on the master). Th
   like a failure. The training processes also die with the agent (``PR_SET_PDEATHSIG``).
 
 Exit status: 0 if every rank finished, 3 if they stopped after saving, otherwise the failed rank's status
-(128 + signal number when killed). Standard library only, like the driver.
+(128 + signal number when killed): ``keizoku.rundir.ExitCode``. Runs with keizoku's python (inside the
+container, if any); it shares the driver's signal handling (``driver.SignalWatch``) and, like it, needs only the
+standard library, so that it starts fast.
 """
 
 from __future__ import annotations
@@ -32,14 +34,10 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-EXIT_OK, EXIT_PREEMPTED = 0, 3
-GRACEFUL = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-ABORT = (signal.SIGINT, signal.SIGHUP)
+from keizoku.launch.driver import ENDED_WELL, SignalWatch, describe_exit, ignore_warnings, kill_group, log
+from keizoku.rundir import ExitCode
+
 RELAY_EVERY_S = 2.0  # repeat the stop signal: a rank still starting up ignores it (see _child_setup)
-
-
-def log(msg: str) -> None:
-    print(f"keizoku launch: {msg}", file=sys.stderr, flush=True)
 
 
 def node_rank_of(hosts: List[str], env=os.environ, hostname: Optional[str] = None) -> int:
@@ -55,19 +53,18 @@ def node_rank_of(hosts: List[str], env=os.environ, hostname: Optional[str] = Non
 
 def _child_setup() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the agent
-    # A warning that comes while the trainer is still importing must not kill it (SIGUSR1's default action):
-    # ignored until the trainer installs its handler; the agent repeats the signal until the ranks exit.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    # ignored until the trainer installs its handler (a warning may come while it imports); the agent repeats
+    # the signal until the ranks exit
+    ignore_warnings()
 
 
-class Agent:
+class Agent(SignalWatch):
     def __init__(self, args: argparse.Namespace, node_rank: int):
+        super().__init__()
         self.args, self.node_rank = args, node_rank
         self.procs: List[subprocess.Popen] = []
-        self.stop_reason: Optional[str] = None
-        self.abort_reason: Optional[str] = None
-        self._wake = threading.Event()
+        self.stopping = False
+        self._last_relay = 0.0
 
     def worker_env(self, local_rank: int) -> Dict[str, str]:
         a = self.args
@@ -86,92 +83,77 @@ class Agent:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.nproc_per_node))
         return env
 
-    def _on_signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if signum in ABORT:
-            self.abort_reason = self.abort_reason or f"{name} received"
-        else:
-            self.stop_reason = self.stop_reason or f"{name} received"
-        self._wake.set()
-
     def _watch_stdin(self) -> None:
         try:
             while os.read(0, 4096):
                 pass
         except OSError:
             pass
-        self.abort_reason = self.abort_reason or "the launch driver is gone (end of stdin)"
-        self._wake.set()
+        self.abort_for("the launch driver is gone (end of stdin)")
 
     def run(self) -> int:
-        a = self.args
-        for sig in GRACEFUL + ABORT:
-            signal.signal(sig, self._on_signal)
-        cmd = [sys.executable, "-m", "keizoku", "train", *a.train_args]
-        for local in range(a.nproc_per_node):
-            # own session: the scheduler's group signals must not reach DataLoader workers; we relay
-            self.procs.append(subprocess.Popen(cmd, env=self.worker_env(local), cwd=a.workdir or None,
-                                               start_new_session=True, preexec_fn=_child_setup,
-                                               stdin=subprocess.DEVNULL))
-        if a.watch_stdin:
+        """Start the node's training processes and watch them until they end; the node's exit status."""
+        self.listen()
+        self._start()
+        if self.args.watch_stdin:
             threading.Thread(target=self._watch_stdin, daemon=True).start()
-        stopping, last_relay = False, 0.0
         while True:
             codes = [p.poll() for p in self.procs]
-            done = all(c is not None for c in codes)
-            if done and all(c in (EXIT_OK, EXIT_PREEMPTED) for c in codes):
-                break
-            if not done and not stopping and a.stop_file and os.path.exists(a.stop_file):
-                self.stop_reason = self.stop_reason or "the driver's stop file"
-            if self.stop_reason and not stopping:
-                stopping = True
-                log(f"node {self.node_rank}: {self.stop_reason}: telling the training processes to save and stop")
-            if stopping and not done and time.monotonic() - last_relay > RELAY_EVERY_S:
-                last_relay = time.monotonic()
-                for p in self.procs:
-                    if p.poll() is None:
-                        os.kill(p.pid, signal.SIGUSR1)  # the process only, not its DataLoader workers
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, EXIT_OK, EXIT_PREEMPTED)]
-            if failed or self.abort_reason:
-                if failed:
-                    i, code = failed[0]
-                    rank = self.node_rank * a.nproc_per_node + i
-                    what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-                    log(f"node {self.node_rank}: rank {rank} (pid {self.procs[i].pid}) failed ({what}); "
-                        f"stopping the other ranks")
-                    self._terminate()
-                    return 128 - code if code < 0 else code
+            if all(c in ENDED_WELL for c in codes):
+                return ExitCode.OK if all(c == ExitCode.OK for c in codes) else ExitCode.STOPPED
+            if None in codes:
+                self._relay_stop()
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, *ENDED_WELL)]
+            if failed:
+                return self._fail(*failed[0])
+            if self.abort_reason:
                 log(f"node {self.node_rank}: {self.abort_reason}; stopping the training processes")
                 self._terminate()
-                return 1
-            self._wake.wait(0.2)
-            self._wake.clear()
-        codes = [p.returncode for p in self.procs]
-        if all(c == EXIT_OK for c in codes):
-            return EXIT_OK
-        return EXIT_PREEMPTED  # only 0s and 3s are left here
+                return ExitCode.FAILED
+            self.pause(0.2)
+
+    def _start(self) -> None:
+        cmd = [sys.executable, "-m", "keizoku", "train", *self.args.train_args]
+        for local in range(self.args.nproc_per_node):
+            # own session: the scheduler's group signals must not reach DataLoader workers; we relay
+            self.procs.append(subprocess.Popen(cmd, env=self.worker_env(local), cwd=self.args.workdir or None,
+                                               start_new_session=True, preexec_fn=_child_setup,
+                                               stdin=subprocess.DEVNULL))
+
+    def _relay_stop(self) -> None:
+        """On a signal or the stop file: SIGUSR1 to every running rank, repeated every RELAY_EVERY_S."""
+        if not self.stopping and self.args.stop_file and os.path.exists(self.args.stop_file):
+            self.stop_reason = self.stop_reason or "the driver's stop file"
+        if self.stop_reason and not self.stopping:
+            self.stopping = True
+            log(f"node {self.node_rank}: {self.stop_reason}: telling the training processes to save and stop")
+        if self.stopping and time.monotonic() - self._last_relay > RELAY_EVERY_S:
+            self._last_relay = time.monotonic()
+            for p in self.procs:
+                if p.poll() is None:
+                    os.kill(p.pid, signal.SIGUSR1)  # the process only, not its DataLoader workers
+
+    def _fail(self, local_rank: int, code: int) -> int:
+        rank = self.node_rank * self.args.nproc_per_node + local_rank
+        log(f"node {self.node_rank}: rank {rank} (pid {self.procs[local_rank].pid}) failed "
+            f"({describe_exit(code)}); stopping the other ranks")
+        self._terminate()
+        return ExitCode.of_returncode(code)
 
     def _terminate(self) -> None:
         live = [p for p in self.procs if p.poll() is None]
         for p in live:
-            _killpg(p.pid, signal.SIGTERM)
+            kill_group(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.args.failure_grace
         while time.monotonic() < deadline and any(p.poll() is None for p in live):
             time.sleep(0.1)
         for p in live:
             if p.poll() is None:
-                _killpg(p.pid, signal.SIGKILL)
+                kill_group(p.pid, signal.SIGKILL)
                 p.wait()
 
 
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m keizoku.launch.agent",
                                 description="Per-node launcher started by `keizoku launch`.")
     p.add_argument("--nnodes", type=int, required=True)
@@ -191,7 +173,7 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse(argv)
+    args = parse_args(argv)
     hosts = [h for h in args.hosts.split(",") if h]
     rank = args.node_rank if args.node_rank is not None else node_rank_of(hosts)
     if not 0 <= rank < args.nnodes:

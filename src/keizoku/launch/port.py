@@ -7,7 +7,7 @@ kernel does not hand it to some client meanwhile) and takes the first one that i
 (so a port held by any other program is skipped too). A second keizoku job on the node cannot take a port
 whose lock the first still holds, whatever its job id; the lock goes away with the driver, even on SIGKILL.
 
-Standard library only (see ``allocation``).
+Standard library only, Python >= 3.8 (see ``driver``).
 """
 
 from __future__ import annotations

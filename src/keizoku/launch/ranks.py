@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from keizoku.launch.schedulers import AllocationError, slurm_task_counts
+
 
 class RankError(RuntimeError):
     pass
@@ -83,13 +85,10 @@ def _make(source, env, rank, size, local, local_size) -> Ranks:
 
 
 def _tasks_on_this_node(env: Mapping[str, str]) -> int:
-    """From ``SLURM_STEP_TASKS_PER_NODE`` (``2(x3),1``) and ``SLURM_NODEID``."""
-    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
-    counts = []
-    for part in filter(None, spec.split(",")):
-        count, _, rep = part.partition("(x")
-        if not count.isdigit():
-            return 0
-        counts += [int(count)] * (int(rep.rstrip(")")) if rep else 1)
+    """From ``SLURM_STEP_TASKS_PER_NODE`` (``2(x3),1``) and ``SLURM_NODEID``; 0 if they do not tell."""
+    try:
+        counts = slurm_task_counts(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "")
+    except AllocationError:
+        return 0
     node = env.get("SLURM_NODEID", "")
     return counts[int(node)] if node.isdigit() and int(node) < len(counts) else 0

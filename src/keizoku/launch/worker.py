@@ -17,9 +17,10 @@ import os
 import sys
 from typing import List, Mapping, Optional
 
-from keizoku.launch.allocation import detect
 from keizoku.launch.port import first_candidate
 from keizoku.launch.ranks import RankError, from_env
+from keizoku.launch.schedulers import detect_allocation
+from keizoku.rundir import ExitCode
 
 
 def torch_env(env: Mapping[str, str], master_addr: Optional[str] = None,
@@ -32,7 +33,7 @@ def torch_env(env: Mapping[str, str], master_addr: Optional[str] = None,
     addr = master_addr or env.get("MASTER_ADDR")
     port = master_port or (int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else None)
     if addr is None or port is None:
-        alloc = detect(env)
+        alloc = detect_allocation(env)
         addr = addr or alloc.hosts[0]
         port = port or first_candidate(alloc.job_id)
     out = ranks.torch_env(addr, port)
@@ -51,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     exec_train(args.train_args, args.master_addr, args.master_port, dict(kv.split("=", 1) for kv in args.env),
                args.workdir)
-    return 0  # not reached
+    return ExitCode.OK  # not reached
 
 
 def exec_train(train_args: List[str], master_addr: Optional[str] = None, master_port: Optional[int] = None,
@@ -62,7 +63,7 @@ def exec_train(train_args: List[str], master_addr: Optional[str] = None, master_
         env.update(torch_env(env, master_addr, master_port))
     except RankError as e:
         print(f"keizoku launch: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(ExitCode.CONFIG)
     if workdir:
         os.chdir(workdir)
     os.execve(sys.executable, [sys.executable, "-m", "keizoku", "train", *train_args], env)

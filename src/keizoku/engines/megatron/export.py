@@ -17,29 +17,17 @@ sequences must also match the reloaded HF model's (fp32 runs: max difference ≤
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-from keizoku.config import load
+from keizoku.config import load_config
+from keizoku.engines import checkpoint_to_export
 from keizoku.engines.megatron import MegatronError
+from keizoku.hf import load_causal_lm
+from keizoku.rundir import EXPORT_RECORD, RunDir, discard, publish, staging_path
 
 
 class MegatronExportError(MegatronError):
     pass
-
-
-def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Path, int]:
-    root = run_dir / "checkpoints"
-    if step is None:
-        marker = root / "latest_checkpointed_iteration.txt"
-        if not marker.is_file():
-            raise MegatronExportError(f"{run_dir}: no complete Megatron checkpoint in {root}")
-        step = int(marker.read_text().strip())
-    path = root / f"iter_{step:07d}"
-    if not path.is_dir():
-        raise MegatronExportError(f"{path}: no Megatron checkpoint for step {step}")
-    return path, step
 
 
 def export(run_dir: Path, out: Path, step: int | None = None, verify: bool = True, log=print) -> dict:
@@ -49,16 +37,16 @@ def export(run_dir: Path, out: Path, step: int | None = None, verify: bool = Tru
     from keizoku.engines.megatron.container import apply_to_provider, hf_bridge
     from keizoku.engines.megatron.importer import fingerprint
     from keizoku.engines.megatron.plan import impl_settings
-    from keizoku.engines.megatron.trainer import RUN_INFO
 
     run_dir, out = Path(run_dir), Path(out)
-    cfg = load(run_dir / "config.yaml")
-    info_path = run_dir / RUN_INFO
+    cfg = load_config(RunDir(run_dir).config)
+    info_path = RunDir(run_dir).megatron_info
     if not info_path.is_file():
         raise MegatronExportError(f"{info_path}: missing — not a keizoku megatron run directory")
     info = json.loads(info_path.read_text())
     found = versions.detect()
-    path, step = find_checkpoint(run_dir, step)
+    saved = checkpoint_to_export(run_dir, step, "megatron")
+    path, step = saved.path, saved.step
     hf_path = cfg.model.hf_path
     if fingerprint(hf_path) != info["hf_fingerprint"]:
         raise MegatronExportError(f"model.hf_path: {hf_path} is not the checkpoint this run was trained from "
@@ -69,8 +57,8 @@ def export(run_dir: Path, out: Path, step: int | None = None, verify: bool = Tru
 
     fp32 = cfg.model.dtype == "fp32"
     dtype = torch.float32 if fp32 else torch.bfloat16
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    staged = staging_path(out)
+    discard(staged)
     result = {"run_dir": str(run_dir.absolute()), "checkpoint": path.name, "step": step, "base_model": hf_path,
               "engine": "megatron", "bridge": str(found)}
     with temporary_distributed_context(backend="gloo"):
@@ -84,16 +72,14 @@ def export(run_dir: Path, out: Path, step: int | None = None, verify: bool = Tru
                                      "perform_initialization": False})
         model = build_and_load_model(str(path), provider, use_cpu_init=True, skip_temp_dist_context=True)
         model = model if isinstance(model, list) else [model]
-        bridge.save_hf_pretrained(model, str(tmp), show_progress=False)
+        bridge.save_hf_pretrained(model, str(staged), show_progress=False)
         if cfg.model.tokenizer:
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(cfg.model.tokenizer, trust_remote_code=cfg.model.trust_remote_code) \
-                .save_pretrained(tmp)
-        (tmp / "keizoku_export.json").write_text(json.dumps(result, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+                .save_pretrained(staged)
+        (staged / EXPORT_RECORD).write_text(json.dumps(result, indent=1) + "\n")
+        publish(staged, out, replace=True)
         log(f"exported {path} (step {step}) to {out}")
         if verify:
             result.update(_verify(bridge, model, out, fp32, log))
@@ -102,12 +88,8 @@ def export(run_dir: Path, out: Path, step: int | None = None, verify: bool = Tru
 
 def _verify(bridge, model, out: Path, fp32: bool, log) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    import transformers
-
-    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    hf = AutoModelForCausalLM.from_pretrained(out, **{dtype_key: torch.float32})
+    hf = load_causal_lm(out, torch.float32)
     saved = hf.state_dict()
     converted = 0
     for name, tensor in bridge.export_hf_weights(model, cpu=True, show_progress=False):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 from keizoku.engines.megatron import MegatronError
+from keizoku.rundir import MEGATRON_TRACKER, discard, publish, staging_path
 
 IMPORT_INFO = "keizoku-import.json"
 FAILED_SUFFIX = ".failed"
@@ -68,7 +68,7 @@ def cache_dir(import_root: str | os.PathLike, hf_fingerprint: str, bridge_releas
 
 
 def is_complete(path: Path) -> bool:
-    return (path / IMPORT_INFO).is_file() and (path / "latest_checkpointed_iteration.txt").is_file()
+    return (path / IMPORT_INFO).is_file() and (path / MEGATRON_TRACKER).is_file()
 
 
 def import_hf(hf_path: str, out: Path, *, transformer_impl: str, trust_remote_code: bool,
@@ -88,9 +88,9 @@ def import_hf(hf_path: str, out: Path, *, transformer_impl: str, trust_remote_co
     if not torch.cuda.is_available():
         raise ImportError_("the Megatron import needs a CUDA GPU (Megatron-Core's model set-up calls CUDA)")
     hf_fp = fingerprint(hf_path)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    staged = staging_path(out)
+    discard(staged)
+    staged.parent.mkdir(parents=True, exist_ok=True)
     single_process_env()
     start = time.perf_counter()
     bridge = hf_bridge(hf_path, trust_remote_code)
@@ -99,16 +99,27 @@ def import_hf(hf_path: str, out: Path, *, transformer_impl: str, trust_remote_co
                                  "pipeline_model_parallel_size": 1})
     provider.finalize()
     model = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
-    bridge.save_megatron_model(model, str(tmp), hf_tokenizer_path=str(tokenizer or hf_path))
+    bridge.save_megatron_model(model, str(staged), hf_tokenizer_path=str(tokenizer or hf_path))
     info = {"hf_path": str(Path(hf_path).absolute()), "hf_fingerprint": hf_fp, "bridge": str(found),
             "parameters": sum(p.numel() for m in model for p in m.parameters()),
             "seconds": round(time.perf_counter() - start, 1)}
-    (tmp / IMPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    (staged / IMPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    publish(staged, out, replace=True)
     log(f"keizoku: imported {hf_path} into {out} ({info['parameters']:,} parameters, {info['seconds']} s)")
     return out
+
+
+def import_for_cli(hf_path: str, *, out: Path | None = None, import_dir: Path | None = None,
+                   transformer_impl: str = "transformer_engine", trust_remote_code: bool = False,
+                   tokenizer: str | None = None, log=print) -> Path:
+    """``keizoku convert import``: into ``out``, or into the cache ``import_dir`` that runs with
+    ``megatron.import_dir`` look in (this checkpoint's fingerprint and the Bridge release name the subdirectory)."""
+    from keizoku.engines.megatron import versions
+
+    if import_dir is not None:
+        out = cache_dir(import_dir, fingerprint(hf_path), versions.detect().release)
+    return import_hf(hf_path, out, transformer_impl=transformer_impl, trust_remote_code=trust_remote_code,
+                     tokenizer=tokenizer, log=log)
 
 
 def single_process_env() -> None:

@@ -1,6 +1,6 @@
 """keizoku's config → Megatron-Bridge's ``ConfigContainer`` fields, as plain data (no Bridge import here).
 
-``plan`` returns ``{section: {field: value}}``: the sections are ConfigContainer's (``train``, ``validation``,
+``plan_megatron`` returns ``{section: {field: value}}``: the sections are ConfigContainer's (``train``, ``validation``,
 ``optimizer``, ``ddp``, ``scheduler``, ``dataset``, ``logger``, ``tokenizer``, ``checkpoint``, ``rng``,
 ``dist``), plus ``model`` (attributes set on the provider that AutoBridge made from the HF config) and
 ``container`` (ConfigContainer's own fields). ``container.py`` turns it into Bridge's dataclasses. Keeping the
@@ -10,11 +10,12 @@ torch dtype) and ``LAYER_SPEC:local`` (Bridge's ``local_layer_spec``).
 
 What each keizoku setting becomes, and why where it is not obvious:
 
-- Schedule: Megatron's scheduler gives step k (0-based) ``init + (lr − init)·k/W′`` during warmup, then decays
-  from step W′ to ``lr_decay_iters``. keizoku's warmup gives ``lr·(k+1)/W`` and reaches ``min_lr`` exactly at
-  the last step. ``W′ = W − 1`` and ``init = lr/W`` make the warmup identical step for step, and
-  ``lr_decay_iters = steps − 1`` ends the decay on the same step; a cosine then starts one step earlier than
-  keizoku's (a difference of at most 1/(steps − W) of the decay). WSD's anneal and constant are identical.
+- Schedule: translated from keizoku's ``LRSchedule`` (``keizoku.schedule``), not recomputed. Megatron's scheduler
+  gives step k (0-based) ``init + (lr − init)·k/W′`` during warmup, then decays from step W′ to
+  ``lr_decay_iters``. keizoku's warmup gives ``lr·(k+1)/W`` and reaches ``min_lr`` exactly at its ``last_step``.
+  ``W′ = W − 1`` and ``init = lr/W`` make the warmup identical step for step, and ``lr_decay_iters = last_step``
+  ends the decay on the same step; a cosine then starts one step earlier than keizoku's (a difference of at most
+  1/(steps − W) of the decay). WSD's anneal (``last_step − decay_start`` steps) and constant are identical.
 - Precision: ``model.dtype: fp32`` trains in fp32 (no mixed precision); otherwise ``megatron.precision``
   picks Bridge's preset (bf16_mixed, or bf16 with an FP8 recipe).
 - Evaluation: with Bridge >= 0.3 keizoku evaluates every validation set itself (``reporting.py``) and the
@@ -33,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from keizoku.config import KeizokuConfig
-from keizoku.data.blend import samples_for
+from keizoku.data.blend import sample_cache_dir
+from keizoku.rundir import RunDir
+from keizoku.schedule import LRSchedule, run_length
 
 FP8_PRESETS = {
     "tensorwise": "bf16_with_fp8_current_scaling_mixed",
@@ -52,11 +55,6 @@ TE_ONLY_FUSIONS = ("apply_rope_fusion", "gradient_accumulation_fusion", "masked_
 Blend = tuple[list[str], list[float] | None]
 
 
-def train_iters(cfg: KeizokuConfig) -> int:
-    t = cfg.train
-    return samples_for(t.max_steps, t.max_tokens, t.global_batch_size, cfg.data.seq_length)[0]
-
-
 def has_callbacks(release: str) -> bool:
     return _at_least(release, CALLBACKS_FROM)
 
@@ -66,81 +64,106 @@ def data_parallel_size(cfg: KeizokuConfig, world_size: int) -> int:
     return world_size // (mg.tensor_parallel * mg.pipeline_parallel * mg.context_parallel)
 
 
-def plan(cfg: KeizokuConfig, *, release: str, world_size: int, train_blend: Blend | None, valid_blend: Blend | None,
-         pretrained_checkpoint: str | None) -> dict[str, dict[str, Any]]:
+def plan_megatron(cfg: KeizokuConfig, *, release: str, world_size: int, train_blend: Blend | None,
+                  valid_blend: Blend | None, pretrained_checkpoint: str | None) -> dict[str, dict[str, Any]]:
     """Every Bridge field keizoku sets, by section. ``release`` is the Bridge release line ("0.2" … "0.6")."""
-    mg, t, o, s, d = cfg.megatron, cfg.train, cfg.optim, cfg.schedule, cfg.data
-    run_dir = Path(cfg.run_dir).absolute()
-    steps = train_iters(cfg)
-    dp = data_parallel_size(cfg, world_size)
-    out: dict[str, dict[str, Any]] = {}
+    steps = run_length(cfg).steps
+    run = RunDir(Path(cfg.run_dir).absolute())
+    out: dict[str, dict[str, Any]] = {
+        "model": _model(cfg),
+        "container": {"mixed_precision": _mixed_precision(cfg)},
+        "train": {"micro_batch_size": cfg.train.micro_batch_size, "global_batch_size": cfg.train.global_batch_size,
+                  "train_iters": steps,
+                  "exit_signal_handler": True},  # SIGTERM (keizoku relays SIGUSR1/SIGUSR2 to it): save, then stop
+        "optimizer": _optimizer(cfg),
+        "ddp": {"use_distributed_optimizer": cfg.megatron.distributed_optimizer,
+                "overlap_grad_reduce": cfg.megatron.overlap_grad_reduce,
+                "overlap_param_gather": cfg.megatron.overlap_param_gather,
+                "grad_reduce_in_fp32": True, "check_for_nan_in_grad": True},
+        "scheduler": _schedule(LRSchedule.of(cfg.optim, cfg.schedule, steps), cfg.optim.weight_decay),
+        "dataset": _dataset(cfg, train_blend, valid_blend),
+        "logger": _logger(cfg, run),
+        "tokenizer": _tokenizer(cfg),
+        "checkpoint": _checkpoint(cfg, run, pretrained_checkpoint),
+        "rng": {"seed": cfg.train.seed},
+        "dist": {"distributed_backend": "nccl"},
+    }
+    evaluation = _evaluation(cfg, steps, data_parallel_size(cfg, world_size), has_valid=valid_blend is not None)
+    if _at_least(release, VALIDATION_SECTION_FROM):
+        out["validation"] = evaluation
+    else:
+        out["train"].update(evaluation)
+    for key, value in cfg.megatron.overrides.items():  # last: the user's word on fields keizoku does not name
+        section, name = key.split(".", 1)
+        if section == "train" and name in ("eval_iters", "eval_interval") and "validation" in out:
+            section = "validation"
+        out.setdefault(section, {})[name] = value
+    return out
 
-    model = out["model"] = {
+
+def _model(cfg: KeizokuConfig) -> dict[str, Any]:
+    """Set on the provider that AutoBridge made from the HF config: parallelism, recompute, dtype."""
+    mg, m = cfg.megatron, cfg.model
+    model = {
         "tensor_model_parallel_size": mg.tensor_parallel,
         "pipeline_model_parallel_size": mg.pipeline_parallel,
         "virtual_pipeline_model_parallel_size": mg.virtual_pipeline,
         "context_parallel_size": mg.context_parallel,
         "sequence_parallel": mg.sequence_parallel,
         "expert_model_parallel_size": mg.expert_parallel,
-        "seq_length": d.seq_length,
+        "seq_length": cfg.data.seq_length,
         **impl_settings(mg.transformer_impl),
     }
-    if cfg.model.activation_checkpointing == "full":  # as engine: torch does: recompute every decoder layer
+    if m.activation_checkpointing == "full":  # as engine: torch does: recompute every decoder layer
         model.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif cfg.model.activation_checkpointing == "selective":  # Megatron's own selective: core attention
+    elif m.activation_checkpointing == "selective":  # Megatron's own selective: core attention
         model.update(recompute_granularity="selective")
-    elif cfg.model.full_recompute_layers:  # the first N layers (of each pipeline stage) recompute, the rest keep all
-        model.update(recompute_granularity="full", recompute_method="block",
-                     recompute_num_layers=cfg.model.full_recompute_layers)
-    fp32 = cfg.model.dtype == "fp32"
-    if fp32:
+    elif m.full_recompute_layers:  # the first N layers (of each pipeline stage) recompute, the rest keep all
+        model.update(recompute_granularity="full", recompute_method="block", recompute_num_layers=m.full_recompute_layers)
+    if m.dtype == "fp32":
         model.update(bf16=False, fp16=False, params_dtype="DTYPE:float32", pipeline_dtype="DTYPE:float32",
                      autocast_dtype="DTYPE:float32")
-    out["container"] = {"mixed_precision": None if fp32 else
-                        "bf16_mixed" if mg.precision == "bf16" else FP8_PRESETS[mg.fp8_recipe]}
+    return model
 
-    out["train"] = {
-        "micro_batch_size": t.micro_batch_size,
-        "global_batch_size": t.global_batch_size,
-        "train_iters": steps,
-        "exit_signal_handler": True,  # SIGTERM (keizoku relays SIGUSR1/SIGUSR2 to it): save, then stop
-    }
-    has_valid = valid_blend is not None
-    per_global_batch = t.global_batch_size
-    eval_iters = math.ceil(cfg.eval.batches * t.micro_batch_size * dp / per_global_batch) if has_valid else 0
-    # no evaluation during training: an interval past the last step (Bridge 0.2/0.3 divide by it)
-    evaluation = {"eval_iters": eval_iters,
-                  "eval_interval": cfg.eval.interval if has_valid and cfg.eval.interval else steps + 1}
-    if _at_least(release, VALIDATION_SECTION_FROM):
-        out["validation"] = evaluation
-    else:
-        out["train"].update(evaluation)
 
-    out["optimizer"] = {
+def _mixed_precision(cfg: KeizokuConfig) -> str | None:
+    if cfg.model.dtype == "fp32":
+        return None
+    return "bf16_mixed" if cfg.megatron.precision == "bf16" else FP8_PRESETS[cfg.megatron.fp8_recipe]
+
+
+def _evaluation(cfg: KeizokuConfig, steps: int, dp: int, has_valid: bool) -> dict[str, Any]:
+    """Bridge's own validation (Bridge 0.2 only; keizoku's Reporter evaluates otherwise): ``eval.batches`` micro
+    batches per data-parallel rank, rounded up to whole global batches; off: an interval past the last step (Bridge
+    0.2/0.3 divide by it)."""
+    t = cfg.train
+    eval_iters = math.ceil(cfg.eval.batches * t.micro_batch_size * dp / t.global_batch_size) if has_valid else 0
+    return {"eval_iters": eval_iters,
+            "eval_interval": cfg.eval.interval if has_valid and cfg.eval.interval else steps + 1}
+
+
+def _optimizer(cfg: KeizokuConfig) -> dict[str, Any]:
+    o = cfg.optim
+    out = {
         "optimizer": "adam",  # Megatron's Adam is decoupled-weight-decay Adam (AdamW)
         "lr": o.lr, "min_lr": o.min_lr, "weight_decay": o.weight_decay,
         "adam_beta1": float(o.betas[0]), "adam_beta2": float(o.betas[1]), "adam_eps": o.eps,
         "clip_grad": o.grad_clip,  # 0: no clipping, as in keizoku
-        "use_distributed_optimizer": mg.distributed_optimizer,
+        "use_distributed_optimizer": cfg.megatron.distributed_optimizer,
     }
     if o.state_dtype == "bf16":  # Megatron's precision-aware optimizer (TE's FusedAdam) keeps the moments in bf16
-        out["optimizer"].update(use_precision_aware_optimizer=True, exp_avg_dtype="DTYPE:bfloat16",
-                                exp_avg_sq_dtype="DTYPE:bfloat16")
-    if fp32:
-        out["optimizer"].update(bf16=False, fp16=False, params_dtype="DTYPE:float32")
-    out["ddp"] = {
-        "use_distributed_optimizer": mg.distributed_optimizer,
-        "overlap_grad_reduce": mg.overlap_grad_reduce,
-        "overlap_param_gather": mg.overlap_param_gather,
-        "grad_reduce_in_fp32": True,
-        "check_for_nan_in_grad": True,
-    }
-    out["scheduler"] = _schedule(cfg, steps)
+        out.update(use_precision_aware_optimizer=True, exp_avg_dtype="DTYPE:bfloat16", exp_avg_sq_dtype="DTYPE:bfloat16")
+    if cfg.model.dtype == "fp32":
+        out.update(bf16=False, fp16=False, params_dtype="DTYPE:float32")
+    return out
 
-    dataset = out["dataset"] = {
+
+def _dataset(cfg: KeizokuConfig, train_blend: Blend | None, valid_blend: Blend | None) -> dict[str, Any]:
+    d = cfg.data
+    dataset = {
         "random_seed": d.seed,
         "sequence_length": d.seq_length,
-        "path_to_cache": str(Path(d.cache_dir).absolute()) if d.cache_dir else str(run_dir / "data-cache"),
+        "path_to_cache": str(sample_cache_dir(cfg)),
         # what keizoku.data.blend gives GPTDataset for engine: torch: the same samples in the same order
         "reset_position_ids": False, "reset_attention_mask": False, "eod_mask_loss": False,
         "create_attention_mask": False,
@@ -150,46 +173,44 @@ def plan(cfg: KeizokuConfig, *, release: str, world_size: int, train_blend: Blen
     if not d.mock:
         dataset["blend_per_split"] = [_blend_value(train_blend), _blend_value(valid_blend), None]
         dataset["split"] = None
+    return dataset
 
-    tb = run_dir / "tensorboard"
-    out["logger"] = {
-        "log_interval": cfg.logging.interval,
-        "tensorboard_dir": str(tb) if cfg.logging.tensorboard else None,
+
+def _logger(cfg: KeizokuConfig, run: RunDir) -> dict[str, Any]:
+    lg = cfg.logging
+    return {
+        "log_interval": lg.interval,
+        "tensorboard_dir": str(run.tensorboard) if lg.tensorboard else None,
         "log_throughput": True,
         "log_validation_ppl_to_tensorboard": True,
-        "wandb_project": (cfg.logging.wandb_project or "keizoku") if cfg.logging.wandb else None,
-        "wandb_exp_name": run_dir.name if cfg.logging.wandb else None,
-        "wandb_save_dir": str(run_dir / "wandb") if cfg.logging.wandb else None,
+        "wandb_project": (lg.wandb_project or "keizoku") if lg.wandb else None,
+        "wandb_exp_name": run.path.name if lg.wandb else None,
+        "wandb_save_dir": str(run.path / "wandb") if lg.wandb else None,
     }
-    out["tokenizer"] = {
-        "tokenizer_type": "HuggingFaceTokenizer",
-        "tokenizer_model": str(cfg.model.tokenizer or cfg.model.hf_path),
-    }
+
+
+def _tokenizer(cfg: KeizokuConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"tokenizer_type": "HuggingFaceTokenizer",
+                           "tokenizer_model": str(cfg.model.tokenizer or cfg.model.hf_path)}
     if cfg.model.trust_remote_code:  # only then: Bridge 0.2 release candidates have no such field
-        out["tokenizer"]["hf_tokenizer_kwargs"] = {"trust_remote_code": True}
+        out["hf_tokenizer_kwargs"] = {"trust_remote_code": True}
+    return out
+
+
+def _checkpoint(cfg: KeizokuConfig, run: RunDir, pretrained_checkpoint: str | None) -> dict[str, Any]:
     c = cfg.checkpoint
-    save = str(run_dir / "checkpoints")
-    load = save if c.resume == "auto" else None if c.resume == "none" else str(Path(c.resume).absolute())
-    out["checkpoint"] = {
+    save = str(run.checkpoints)
+    return {
         "save": save,
-        "load": load,
+        "load": save if c.resume == "auto" else None if c.resume == "none" else str(Path(c.resume).absolute()),
         "pretrained_checkpoint": pretrained_checkpoint,
         "save_interval": c.interval or None,  # None: only at the end
         "most_recent_k": c.keep_last,
         "ckpt_format": "torch_dist",
-        "async_save": mg.async_save,
+        "async_save": cfg.megatron.async_save,
         "save_optim": True, "save_rng": True,
         "exit_on_missing_checkpoint": c.resume not in ("auto", "none"),
     }
-    out["rng"] = {"seed": t.seed}
-    out["dist"] = {"distributed_backend": "nccl"}
-
-    for key, value in mg.overrides.items():  # last: the user's word on fields keizoku does not name
-        section, name = key.split(".", 1)
-        if section == "train" and name in ("eval_iters", "eval_interval") and "validation" in out:
-            section = "validation"
-        out.setdefault(section, {})[name] = value
-    return out
 
 
 def impl_settings(transformer_impl: str) -> dict[str, Any]:
@@ -200,25 +221,21 @@ def impl_settings(transformer_impl: str) -> dict[str, Any]:
             "cross_entropy_fusion_impl": "native", **{name: False for name in TE_ONLY_FUSIONS}}
 
 
-def _schedule(cfg: KeizokuConfig, steps: int) -> dict[str, Any]:
-    o, s = cfg.optim, cfg.schedule
-    warmup = s.warmup_steps
+def _schedule(schedule: LRSchedule, weight_decay: float) -> dict[str, Any]:
+    """Megatron's OptimizerParamScheduler settings for keizoku's schedule (see the module docstring)."""
+    warmup = schedule.warmup_steps
     out: dict[str, Any] = {
         "lr_warmup_iters": max(warmup - 1, 0),
-        "lr_warmup_init": o.lr / warmup if warmup else 0.0,
-        "lr_decay_iters": max(steps - 1, 1),
-        "start_weight_decay": o.weight_decay, "end_weight_decay": o.weight_decay,
+        "lr_warmup_init": schedule.lr / warmup if warmup else 0.0,
+        "lr_decay_iters": max(schedule.last_step, 1),
+        "start_weight_decay": weight_decay, "end_weight_decay": weight_decay,
         "weight_decay_incr_style": "constant",
     }
-    if s.kind == "cosine":
-        out["lr_decay_style"] = "cosine"
-    elif s.kind == "constant":
-        out["lr_decay_style"] = "constant"
-    else:  # wsd: hold lr, then a linear anneal over keizoku's decay steps, ending at the last step
-        last = max(steps - 1, warmup)
-        decay_steps = max(1, round(s.decay_fraction * steps))
-        decay_start = max(warmup, last - decay_steps)
-        out.update(lr_decay_style="WSD", lr_wsd_decay_style="linear", lr_wsd_decay_iters=max(last - decay_start, 1))
+    if schedule.kind == "wsd":  # hold lr, then a linear anneal ending at the last step
+        out.update(lr_decay_style="WSD", lr_wsd_decay_style="linear",
+                   lr_wsd_decay_iters=max(schedule.last_step - schedule.decay_start, 1))
+    else:
+        out["lr_decay_style"] = schedule.kind  # cosine | constant
     return out
 
 

@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from keizoku.config import KeizokuConfig
+from keizoku.metrics import MetricsLogger, eval_values
 
 WALLTIME_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
@@ -72,13 +71,9 @@ def validation_datasets(cfg: KeizokuConfig, eval_samples: int) -> dict[str, Any]
     """{name: GPTDataset} of ``data.validation``, built as ``keizoku.data.blend.build`` builds them for the torch
     engine (same config, same cache), so both engines evaluate the same samples."""
     from keizoku.data import blend
-    from keizoku.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_path)
-    shim = blend.MegatronTokenizerShim(tok.eos_id, tok.vocab_size, tokenizer_fingerprint(tok))
-    cache = str(Path(cfg.data.cache_dir or Path(cfg.run_dir) / "data-cache").absolute())
     return blend.build_validation(cfg.data, seq_length=cfg.data.seq_length, eval_samples=eval_samples,
-                                  tokenizer=shim, cache_dir=cache)
+                                  tokenizer=blend.run_tokenizer(cfg), cache_dir=blend.sample_cache_dir(cfg))
 
 
 def validation_batches(dataset, eval_samples: int, micro_batch: int, dp_rank: int, dp_size: int):
@@ -106,25 +101,6 @@ def train_record(*, loss: float | None, lr: float, grad_norm: float | None, step
     return values
 
 
-def eval_record(losses: dict[str, float]) -> dict[str, float]:
-    out = {}
-    for name, loss in losses.items():
-        out[f"{name}_loss"] = loss
-        out[f"{name}_ppl"] = math.exp(min(loss, 50))
-    return out
-
-
-class MetricsFile:
-    """``RUN_DIR/metrics.jsonl``, appended (a resumed run continues it), one JSON record a line."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a")
-
-    def log(self, kind: str, step: int, values: dict) -> None:
-        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        self.file.flush()
-
-
 class Reporter:
     """Bridge callbacks (registered by event name, so no Bridge class is subclassed)."""
 
@@ -133,7 +109,7 @@ class Reporter:
     def __init__(self, cfg: KeizokuConfig, steps: int, relay: WalltimeRelay):
         self.cfg, self.steps, self.relay = cfg, steps, relay
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        self.metrics: MetricsFile | None = None
+        self.metrics: MetricsLogger | None = None
         self.valid: dict[str, Any] = {}
         self.t0 = 0.0
 
@@ -148,7 +124,8 @@ class Reporter:
 
         self.relay.on_train_start()
         if dist.get_rank() == dist.get_world_size() - 1:
-            self.metrics = MetricsFile(Path(self.cfg.run_dir).absolute() / "metrics.jsonl")
+            # the console gets Bridge's own training log; keizoku prints its evaluations (``evaluate``)
+            self.metrics = MetricsLogger(Path(self.cfg.run_dir).absolute(), console=False)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.eval_samples = self.cfg.eval.batches * self.cfg.train.micro_batch_size * self.dp_size
         if self.cfg.data.validation and not self.cfg.data.mock:
@@ -182,7 +159,7 @@ class Reporter:
         if self.valid:
             self.evaluate(ctx, ctx.state.train_state.step)
         if self.metrics is not None:
-            self.metrics.file.close()
+            self.metrics.close()
 
     # evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self, ctx, step: int) -> None:
@@ -221,7 +198,7 @@ class Reporter:
         for m in hooked:
             m.enable_forward_pre_hook()
         if self.metrics is not None:
-            values = eval_record(losses)
+            values = eval_values(losses)
             self.metrics.log("eval", step, values)
             print(f"[eval step {step}] " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
             writer = ctx.state.tensorboard_logger

@@ -17,32 +17,19 @@ from pathlib import Path
 
 from keizoku.config import KeizokuConfig, save_resolved, validate
 from keizoku.engines.megatron import MegatronError
-from keizoku.files import write_atomic
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 3
-RUN_INFO = "megatron.json"
+from keizoku.rundir import ExitCode, RunDir, latest_checkpoint, write_atomic
+from keizoku.schedule import run_length
 
 
 class MegatronTrainingError(MegatronError):
     pass
 
 
-def run(cfg: KeizokuConfig) -> int:
-    from keizoku.data import blend
-    from keizoku.engines.megatron import container, importer, plan, reporting, versions
+def train(cfg: KeizokuConfig) -> int:
+    from keizoku.engines.megatron import plan, reporting
 
-    try:
-        found = versions.detect()
-    except versions.VersionError as e:
-        raise MegatronTrainingError(str(e)) from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise MegatronTrainingError("engine: megatron needs CUDA GPUs and none is visible here (engine: torch "
-                                    "trains on a CPU)")
-    if "RANK" not in os.environ:  # one process (keizoku train on one GPU): Bridge initialises from env://
-        importer.single_process_env()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    found = _supported_bridge()
+    rank, world = _process_ranks()
     # Bridge >= 0.3 has callbacks: keizoku evaluates every validation set itself and writes metrics.jsonl;
     # Bridge 0.2 has none: Bridge's own validation of the one set, metrics in its logs/TensorBoard only
     callbacks = plan.has_callbacks(found.release)
@@ -51,81 +38,122 @@ def run(cfg: KeizokuConfig) -> int:
     if errors:
         if rank == 0:
             print("\n".join(f"error: {e}" for e in errors), flush=True)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     missing = missing_packages(cfg)
     if missing:
         raise MegatronTrainingError(missing)
-    run_dir = Path(cfg.run_dir).absolute()
-    ckpt_dir = run_dir / "checkpoints"
-    steps = plan.train_iters(cfg)
+    run_dir, length = Path(cfg.run_dir).absolute(), run_length(cfg)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
         print(f"keizoku: engine megatron — {found}; world {world}, data-parallel "
-              f"{plan.data_parallel_size(cfg, world)}; {steps} steps", flush=True)
-
-    saved = _latest_iteration(ckpt_dir) if cfg.checkpoint.resume == "auto" else None
-    if saved is not None and saved >= steps:  # Bridge would stop with "no samples left to consume"
+              f"{plan.data_parallel_size(cfg, world)}; {length.steps} steps", flush=True)
+    saved = _saved_step(run_dir) if cfg.checkpoint.resume == "auto" else None
+    if saved is not None and saved >= length.steps:  # Bridge would stop with "no samples left to consume"
         if rank == 0:
-            print(f"keizoku: training is complete ({saved} of {steps} steps)", flush=True)
-        return EXIT_OK
-    own = saved is not None or cfg.checkpoint.resume not in ("auto", "none")
-    pretrained = None
-    if cfg.model.init == "pretrained" and not own:
-        root = Path(cfg.megatron.import_dir or run_dir / "pretrained-megatron").absolute()
-        try:
-            pretrained = str(importer.ensure_import(
-                cfg.model.hf_path, root, found.release, rank=rank, transformer_impl=cfg.megatron.transformer_impl,
-                trust_remote_code=cfg.model.trust_remote_code, tokenizer=cfg.model.tokenizer))
-        except importer.ImportError_ as e:
-            raise MegatronTrainingError(str(e)) from None
+            print(f"keizoku: training is complete ({saved} of {length.steps} steps)", flush=True)
+        return ExitCode.OK
+    own_checkpoint = saved is not None or cfg.checkpoint.resume not in ("auto", "none")
+    pretrained = None if own_checkpoint else _pretrained_checkpoint(cfg, run_dir, found.release, rank)
+    train_blend, valid_blend = _blends(cfg, length.tokens, found, evaluated_by_keizoku=callbacks)
+    p = plan.plan_megatron(cfg, release=found.release, world_size=world, train_blend=train_blend,
+                           valid_blend=valid_blend, pretrained_checkpoint=pretrained)
+    if rank == 0:
+        _write_run_info(run_dir, cfg, found, p)
+    _pretrain(cfg, p, reporting.Reporter(cfg, length.steps, relay) if callbacks else None)
+    done = _saved_step(run_dir)
+    if done is not None and done < length.steps:
         if rank == 0:
-            print(f"keizoku: starting from the pretrained weights of {cfg.model.hf_path} ({pretrained})", flush=True)
-    elif cfg.model.init == "random" and not own and rank == 0:
-        print("keizoku: training from random weights (model.init: random)", flush=True)
+            print(f"keizoku: stopped at step {done} of {length.steps} after saving; resubmit to continue", flush=True)
+        return ExitCode.STOPPED
+    return ExitCode.OK
 
-    if len(cfg.data.validation) > 1 and not callbacks:
+
+def _supported_bridge():
+    """The installed Bridge/Core pair, if keizoku drives it and a GPU is there to run it."""
+    import torch
+
+    from keizoku.engines.megatron import versions
+
+    try:
+        found = versions.detect()
+    except versions.VersionError as e:
+        raise MegatronTrainingError(str(e)) from None
+    if not torch.cuda.is_available():
+        raise MegatronTrainingError("engine: megatron needs CUDA GPUs and none is visible here (engine: torch "
+                                    "trains on a CPU)")
+    return found
+
+
+def _process_ranks() -> tuple[int, int]:
+    """(rank, world size): torchrun's or keizoku launch's, or a one-process group's (Bridge initialises from env://)."""
+    from keizoku.engines.megatron import importer
+
+    if "RANK" not in os.environ:
+        importer.single_process_env()
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def _pretrained_checkpoint(cfg: KeizokuConfig, run_dir: Path, release: str, rank: int) -> str | None:
+    """The Megatron import of model.hf_path to start from (made now if it is not cached), or None for init: random."""
+    from keizoku.engines.megatron import importer
+
+    if cfg.model.init == "random":
+        if rank == 0:
+            print("keizoku: training from random weights (model.init: random)", flush=True)
+        return None
+    root = Path(cfg.megatron.import_dir or RunDir(run_dir).megatron_import).absolute()
+    try:
+        pretrained = str(importer.ensure_import(
+            cfg.model.hf_path, root, release, rank=rank, transformer_impl=cfg.megatron.transformer_impl,
+            trust_remote_code=cfg.model.trust_remote_code, tokenizer=cfg.model.tokenizer))
+    except importer.ImportError_ as e:
+        raise MegatronTrainingError(str(e)) from None
+    if rank == 0:
+        print(f"keizoku: starting from the pretrained weights of {cfg.model.hf_path} ({pretrained})", flush=True)
+    return pretrained
+
+
+def _blends(cfg: KeizokuConfig, total_tokens: int, found, evaluated_by_keizoku: bool):
+    """(train blend, validation blend) in Megatron's form; the validation blend is Bridge's to evaluate only where
+    keizoku cannot (Bridge 0.2, one set)."""
+    from keizoku.data import blend
+
+    if len(cfg.data.validation) > 1 and not evaluated_by_keizoku:
         raise MegatronTrainingError(
             f"data.validation: {found} evaluates one validation set, not {len(cfg.data.validation)} "
             f"({', '.join(cfg.data.validation)}); keep one, or use Megatron-Bridge 0.3 or newer")
-    train_blend = valid_blend = None
-    if not cfg.data.mock:
-        total_tokens = steps * cfg.train.global_batch_size * cfg.data.seq_length
-        train_blend = blend.blend_of(blend.resolve(cfg.data.blend, "data.blend"), total_tokens)
-        for name, entries in cfg.data.validation.items():
-            valid_blend = blend.blend_of(blend.resolve(entries, f"data.validation.{name}"), None)
-        if callbacks:
-            valid_blend = None  # keizoku's Reporter evaluates (reporting.py)
-    p = plan.plan(cfg, release=found.release, world_size=world, train_blend=train_blend, valid_blend=valid_blend,
-                  pretrained_checkpoint=pretrained)
-    if rank == 0:
-        _write_run_info(run_dir, cfg, found, p)
+    if cfg.data.mock:
+        return None, None
+    train_blend = blend.blend_of(blend.resolve(cfg.data.blend, "data.blend"), total_tokens)
+    valid_blend = None
+    for name, entries in cfg.data.validation.items():
+        valid_blend = blend.blend_of(blend.resolve(entries, f"data.validation.{name}"), None)
+    return train_blend, None if evaluated_by_keizoku else valid_blend
+
+
+def _pretrain(cfg: KeizokuConfig, p: dict, reporter) -> None:
+    """Bridge's ``pretrain`` on the plan, with keizoku's callbacks where the release has them."""
+    from megatron.bridge.training.gpt_step import forward_step
+    from megatron.bridge.training.pretrain import pretrain
+
+    from keizoku.engines.megatron import container
 
     bridge = container.hf_bridge(cfg.model.hf_path, cfg.model.trust_remote_code)
     provider = bridge.to_megatron_provider(load_weights=False)  # weights: the import, or the run's checkpoint
     config = container.build(p, provider)
-
-    from megatron.bridge.training.gpt_step import forward_step
-    from megatron.bridge.training.pretrain import pretrain
-
     extra = {}
-    if callbacks:
+    if reporter is not None:
         from megatron.bridge.training.callbacks import CallbackManager
 
         manager = CallbackManager()
-        reporting.Reporter(cfg, steps, relay).register(manager)
+        reporter.register(manager)
         extra["callbacks"] = manager
     try:
         pretrain(config, forward_step, **extra)
     except SystemExit as e:  # Bridge leaves through sys.exit after an exit signal or train.exit_interval
         if e.code not in (0, None):
             raise MegatronTrainingError(f"Megatron-Bridge stopped with exit status {e.code}") from None
-    done = _latest_iteration(ckpt_dir)
-    if done is not None and done < steps:
-        if rank == 0:
-            print(f"keizoku: stopped at step {done} of {steps} after saving; resubmit to continue", flush=True)
-        return EXIT_PREEMPTED
-    return EXIT_OK
 
 
 def missing_packages(cfg: KeizokuConfig) -> str | None:
@@ -147,12 +175,10 @@ def missing_packages(cfg: KeizokuConfig) -> str | None:
     return None
 
 
-def _latest_iteration(ckpt_dir: Path) -> int | None:
-    marker = ckpt_dir / "latest_checkpointed_iteration.txt"
-    try:
-        return int(marker.read_text().strip())
-    except (OSError, ValueError):
-        return None
+def _saved_step(run_dir: Path) -> int | None:
+    """The step of the run's newest complete Megatron checkpoint (``keizoku.rundir``), if any."""
+    saved = latest_checkpoint(run_dir, engine="megatron")
+    return None if saved is None else saved.step
 
 
 def _write_run_info(run_dir: Path, cfg: KeizokuConfig, found, p: dict) -> None:
@@ -163,4 +189,4 @@ def _write_run_info(run_dir: Path, cfg: KeizokuConfig, found, p: dict) -> None:
             "hf_fingerprint": fingerprint(cfg.model.hf_path), "tokenizer": p["tokenizer"]["tokenizer_model"],
             "transformer_impl": cfg.megatron.transformer_impl, "train_iters": p["train"]["train_iters"],
             "pretrained_checkpoint": p["checkpoint"]["pretrained_checkpoint"], "plan": p}
-    write_atomic(run_dir / RUN_INFO, json.dumps(info, indent=1, default=str) + "\n")
+    write_atomic(RunDir(run_dir).megatron_info, json.dumps(info, indent=1, default=str) + "\n")

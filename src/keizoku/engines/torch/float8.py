@@ -16,10 +16,12 @@ import functools
 
 import torch
 
+from keizoku.engines.torch import TrainingError
+
 RECIPES = ("tensorwise", "rowwise")
 
 
-class Float8Unavailable(RuntimeError):
+class Float8Unavailable(TrainingError):
     pass
 
 

@@ -9,14 +9,13 @@ cost), so its tokens/s in the metrics is not representative; the step before and
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from keizoku.config import LoggingConfig
-from keizoku.files import write_atomic
+from keizoku.rundir import RunDir, publish, staging_path, write_atomic
 
 
 def start(logging: LoggingConfig, step: int, rank: int, device: torch.device) -> profile | None:
@@ -35,13 +34,13 @@ def finish(prof: profile, run_dir: Path, rank: int, step: int, device: torch.dev
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     prof.stop()
-    out = run_dir / "profile"
+    out = RunDir(run_dir).profile
     out.mkdir(parents=True, exist_ok=True)
     name = f"rank{rank}-step{step}"
-    # the .gz suffix makes torch compress; the leading dot keeps the partial file from looking finished
-    tmp = out / f".{name}.partial.trace.json.gz"
-    prof.export_chrome_trace(str(tmp))
-    os.replace(tmp, out / f"{name}.trace.json.gz")
+    trace = out / f"{name}.trace.json.gz"
+    staged = staging_path(trace)  # keeps the .gz suffix, by which torch compresses
+    prof.export_chrome_trace(str(staged))
+    publish(staged, trace, replace=True)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return write_atomic(out / f"{name}.txt", f"keizoku: step {step}, rank {rank}, operators by {key}\n"
                         + prof.key_averages().table(sort_by=key, row_limit=50) + "\n")

@@ -1,77 +1,75 @@
-"""The torch engine: continual pre-training of a Hugging Face model with FSDP2.
+"""engine: torch's training loop: continual pre-training of a Hugging Face model with FSDP2.
 
-Reads top to bottom: set up the process group and device, load the pretrained model, shard it (FSDP2, per
-decoder layer then the root), build optimizer, schedule and data (megatron-core GPTDataset), resume from the
-latest checkpoint, then loop: gradient accumulation over micro batches, clipping, a step, metrics,
-evaluation, checkpoints. SIGTERM/SIGUSR1/SIGUSR2 (what schedulers send before the walltime kill; Grid
-Engine's -notify sends SIGUSR2) finish the step, save and exit with ``EXIT_PREEMPTED``.
+``train(cfg)`` starts the process group, checks the config against the world size, writes the run's resolved
+config and runs a ``Trainer``, which reads top to bottom:
 
-Runs the same on a laptop CPU (one process, gloo) and under ``torchrun`` on many GPUs and nodes (NCCL).
+- ``__init__`` builds what a step needs, in order: the model (pretrained fp32 master weights; FP8, activation
+  checkpointing, compilation and FSDP2 applied), AdamW and the learning-rate schedule (``keizoku.schedule``), the
+  datasets (megatron-core ``GPTDataset``, ``keizoku.data.blend``), and restores the newest checkpoint;
+- ``train_step``: gradient accumulation over micro batches, one host sync, clipping, the optimizer step;
+- ``evaluate``: loss and perplexity of each validation set;
+- ``save``: a checkpoint (``checkpoint``);
+- ``train``: the loop — step, log, evaluate, save — until the last step or a stop request.
+
+SIGTERM/SIGUSR1/SIGUSR2 (what schedulers send before the walltime kill; Grid Engine's -notify sends SIGUSR2)
+finish the step, save and exit ``ExitCode.STOPPED``. Runs the same on a laptop CPU (one process, gloo) and under
+``torchrun`` / ``keizoku launch`` on many GPUs and nodes (NCCL).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from keizoku.config import (KeizokuConfig, reshard_after_forward, save_resolved, unsharded_grad_accumulation,
-                            validate)
+from keizoku.config import KeizokuConfig, reshard_after_forward, save_resolved, unsharded_grad_accumulation, validate
 from keizoku.data import blend
-from keizoku.engines.torch import float8, profiling, recompute
+from keizoku.engines.torch import TrainingError, checkpoint, float8, parallel, profiling
 from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported
-from keizoku.train import checkpoint
-from keizoku.train.model import load_model
-from keizoku.train.optim import adamw
-from keizoku.train.schedule import lambda_for
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
-EXIT_PREEMPTED = 3  # stopped on a signal after saving: resubmit to continue
+from keizoku.engines.torch.model import decoder_layers, flops_per_token, load_model, peak_flops
+from keizoku.engines.torch.optim import adamw
+from keizoku.engines.torch.parallel import Dist
+from keizoku.metrics import MetricsLogger, eval_values
+from keizoku.rundir import ExitCode, RunDir, latest_checkpoint, remove_staged
+from keizoku.schedule import LRSchedule, run_length
 
 
-class TrainingError(RuntimeError):
-    pass
+def train(cfg: KeizokuConfig) -> int:
+    # growable allocator segments: large models at the edge of GPU memory fragment it less (read when CUDA starts)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    d = parallel.setup_distributed(cfg)
+    try:
+        errors = validate(cfg, world_size=d.world)
+        if errors:
+            if d.rank == 0:
+                print("\n".join(f"error: {e}" for e in errors), flush=True)
+            return ExitCode.CONFIG
+        run = RunDir(cfg.run_dir)
+        if d.rank == 0:
+            run.path.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, run.path)
+            remove_staged(run.checkpoints)  # what killed saves left; no save is in flight before the barrier
+        dist.barrier()
+        stop = StopRequest()
+        metrics = _metrics_logger(cfg, run) if d.rank == 0 else None
+        try:
+            return Trainer(cfg, d, run, metrics, stop).train()
+        finally:
+            if metrics is not None:
+                metrics.close()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-
-def setup_distributed(cfg: KeizokuConfig) -> Dist:
-    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if want_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
-    if not dist.is_initialized():
-        bind = {"device_id": device} if device.type == "cuda" else {}  # NCCL: no guessing rank -> GPU
-        if "RANK" in os.environ:  # torchrun, or keizoku launch
-            dist.init_process_group(backend, **bind)
-        else:  # one process: a private store
-            store = tempfile.mkdtemp(prefix="keizoku-pg-")
-            dist.init_process_group(backend, init_method=f"file://{store}/store", rank=0, world_size=1, **bind)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-class _StopRequested:
-    """Records SIGTERM/SIGUSR1/SIGUSR2; the loop stops at the end of the step."""
+class StopRequest:
+    """Records SIGTERM/SIGUSR1/SIGUSR2; the loop stops at the end of the step in which every rank has heard of it."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -82,341 +80,268 @@ class _StopRequested:
         self.signal = signum
 
 
-class _Metrics:
-    """Console, RUN_DIR/metrics.jsonl and TensorBoard, on rank 0."""
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint (with the LR scheduler's state and the run's length)."""
 
-    def __init__(self, cfg: KeizokuConfig, run_dir: Path, rank: int):
-        self.rank = rank
-        self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-        self.tb = None
-        if rank == 0 and cfg.logging.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                print("keizoku: tensorboard is not installed; metrics go to metrics.jsonl only", flush=True)
-        self.wandb = None
-        if rank == 0 and cfg.logging.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise RuntimeError("logging.wandb: true, but wandb is not installed (pip install wandb)") from None
-            from omegaconf import OmegaConf
-
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), resume="allow",
-                                    config=OmegaConf.to_container(OmegaConf.structured(cfg)))
-
-    def log(self, kind: str, step: int, values: dict) -> None:
-        if self.rank != 0:
-            return
-        record = {"kind": kind, "step": step, **values}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
-        print(f"[{kind} step {step}] {shown}", flush=True)
-        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    return str(v)
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    stop_requested: bool  # by any rank
+    data_s: float  # waiting for batches
 
 
-def run(cfg: KeizokuConfig) -> int:
-    # growable allocator segments: large models at the edge of GPU memory fragment it less (read when CUDA starts)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    d = setup_distributed(cfg)
-    try:
-        return _train(cfg, d)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+class Trainer:
+    def __init__(self, cfg: KeizokuConfig, d: Dist, run: RunDir, metrics: MetricsLogger | None, stop: StopRequest):
+        self.cfg, self.d, self.run, self.metrics, self.stop = cfg, d, run, metrics, stop
+        t = cfg.train
+        self.cuda = d.device.type == "cuda"
+        self.bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and self.cuda)
+        self.length = run_length(cfg)
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_length
+        self.accumulation = t.global_batch_size // (t.micro_batch_size * d.world)
+        self.reshard = reshard_after_forward(cfg.parallel, d.world)
+        # unsharded: one reduce-scatter a step, not one per micro batch
+        self.unsharded_accumulation = unsharded_grad_accumulation(cfg.parallel, d.world)
+        self.fp8_all_gather = self.cuda and d.world > 1  # FSDP2 gathers FP8 weights (half the traffic); gloo has none
+        self.eval_samples = cfg.eval.batches * t.micro_batch_size * d.world
 
+        self.model, self.lm_loss = self._build_model()
+        self.optimizer = adamw(self.model, cfg.optim, d.device.type)
+        schedule = LRSchedule.of(cfg.optim, cfg.schedule, self.length.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule.factor_at)
+        self.train_data, self.valid = self._build_datasets()
+        self.state = TrainState()
+        self.resumed_from = self._restore()
+        self.warned_memory_retries = False
 
-def _train(cfg: KeizokuConfig, d: Dist) -> int:
-    errors = validate(cfg, world_size=d.world)
-    if errors:
-        if d.rank == 0:
-            print("\n".join(f"error: {e}" for e in errors), flush=True)
-        return EXIT_CONFIG
-    run_dir = Path(cfg.run_dir)
-    if d.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, run_dir)
-    dist.barrier()
-    stop = _StopRequested()
-    metrics = _Metrics(cfg, run_dir, d.rank)
-    try:
-        return _loop(cfg, d, run_dir, stop, metrics)
-    finally:
-        metrics.close()
+    # --- build --------------------------------------------------------------------------------------------------
 
+    def _build_model(self) -> tuple[torch.nn.Module, CausalLMWithLoss]:
+        """The model (fp32 master weights) and, around it, the module whose forward returns the summed token loss:
+        the optimizer and checkpoints see the first, the steps run the second."""
+        cfg, d = self.cfg, self.d
+        model = load_model(cfg.model, torch.float32, seed=cfg.train.seed, device=d.device).to(d.device)
+        self.flops_per_token, self.peak_flops = flops_per_token(model, cfg.data.seq_length), peak_flops(d.device)
+        compile = self.cuda if cfg.model.compile is None else cfg.model.compile
+        lm_loss = CausalLMWithLoss(model, self._loss_chunk(model), compile)
+        if cfg.model.fp8 != "none":
+            self._convert_to_fp8(model)
+        parallel.shard(lm_loss, cfg, d, self.bf16, compile, self.reshard)
+        return model, lm_loss
 
-def _loop(cfg: KeizokuConfig, d: Dist, run_dir: Path, stop: _StopRequested, metrics: _Metrics) -> int:
-    t, seq = cfg.train, cfg.data.seq_length
-    cuda = d.device.type == "cuda"
-    bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
+    def _loss_chunk(self, model: torch.nn.Module) -> int:
+        """train.loss_chunk_tokens, resolved: on a CPU the chunked loss measured ~30% slower than F.cross_entropy on
+        full logits (bench/quickstart); 0 for models whose output layer it cannot stand in for."""
+        chunk = self.cfg.train.loss_chunk_tokens
+        chunk = (2048 if self.cuda else 0) if chunk is None else chunk
+        why_not = chunking_unsupported(model) if chunk else None
+        if why_not:
+            self._say(f"train.loss_chunk_tokens: {type(model).__name__}: {why_not}; using full logits")
+            return 0
+        return chunk
 
-    reshard = reshard_after_forward(cfg.parallel, d.world)
-    # unsharded: one reduce-scatter a step, not one per micro batch
-    unsharded_accumulation = unsharded_grad_accumulation(cfg.parallel, d.world)
-    model = load_model(cfg.model, torch.float32, seed=t.seed, device=d.device).to(d.device)  # fp32 master weights
-    flops_token, peak = flops_per_token(model, seq), peak_flops(d.device)
-    compile = cuda if cfg.model.compile is None else cfg.model.compile
-    # on a CPU the chunked loss measured ~30% slower than F.cross_entropy on full logits (bench/quickstart)
-    chunk = (2048 if cuda else 0) if t.loss_chunk_tokens is None else t.loss_chunk_tokens
-    why_not = chunking_unsupported(model) if chunk else None
-    if why_not:
-        chunk = 0
-        if d.rank == 0:
-            print(f"keizoku: train.loss_chunk_tokens: {type(model).__name__}: {why_not}; using full logits", flush=True)
-    # the model with its loss: forward returns the summed token loss; checkpoints and the optimizer see `model`
-    lm_loss = CausalLMWithLoss(model, chunk, compile)
-    fp8_all_gather = cuda and d.world > 1  # FSDP2 gathers FP8 weights (half the traffic); gloo has no FP8
-    if cfg.model.fp8 != "none":
-        if cuda and torch.cuda.get_device_capability(d.device) < (8, 9):
+    def _convert_to_fp8(self, model: torch.nn.Module) -> None:
+        fp8, d = self.cfg.model, self.d
+        if self.cuda and torch.cuda.get_device_capability(d.device) < (8, 9):
             raise TrainingError(f"model.fp8: {torch.cuda.get_device_name(d.device)} has no FP8 matmuls (needs "
                                 "compute capability 8.9+: Ada, Hopper or newer)")
-        try:
-            n, linear = float8.convert(_decoder_layers(model), cfg.model.fp8, fp8_all_gather, cfg.model.fp8_layers)
-        except float8.Float8Unavailable as e:
-            raise TrainingError(str(e)) from None
-        if d.rank == 0:
-            print(f"keizoku: model.fp8: {cfg.model.fp8}: {n} of {linear} linear layers compute in FP8"
-                  + (f" (the other {linear - n} stay in bf16, too small to gain from it; model.fp8_layers=all "
-                     "converts them)" if n < linear and cfg.model.fp8_layers == "auto" else ""), flush=True)
-    _shard(lm_loss, cfg, d, bf16, compile, reshard)
-    optimizer = adamw(model, cfg.optim, d.device.type)
-    steps, total_samples = blend.samples_for(t.max_steps, t.max_tokens, t.global_batch_size, seq)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(steps, cfg.optim, cfg.schedule))
+        n, linear = float8.convert(decoder_layers(model), fp8.fp8, self.fp8_all_gather, fp8.fp8_layers)
+        kept = linear - n
+        self._say(f"model.fp8: {fp8.fp8}: {n} of {linear} linear layers compute in FP8"
+                  + (f" (the other {kept} stay in bf16, too small to gain from it; model.fp8_layers=all converts "
+                     "them)" if kept and fp8.fp8_layers == "auto" else ""))
 
-    accum = t.global_batch_size // (t.micro_batch_size * d.world)
-    eval_samples = cfg.eval.batches * t.micro_batch_size * d.world
-    train_ds, valid = _datasets(cfg, run_dir, total_samples, eval_samples)
+    def _build_datasets(self) -> tuple[torch.utils.data.Dataset, dict]:
+        """(training samples, {validation set: samples}), built by megatron-core from the blend."""
+        cfg = self.cfg
+        return blend.build(cfg.data, seq_length=cfg.data.seq_length, train_samples=self.length.samples,
+                           eval_samples=self.eval_samples, tokenizer=blend.run_tokenizer(cfg),
+                           cache_dir=blend.sample_cache_dir(cfg))
 
-    step, consumed, tokens_seen = 0, 0, 0
-    ckpt_root = run_dir / "checkpoints"
-    resume = checkpoint.latest(ckpt_root) if cfg.checkpoint.resume == "auto" else \
-        None if cfg.checkpoint.resume == "none" else Path(cfg.checkpoint.resume)
-    if resume is not None:
-        state = checkpoint.load(resume, model, optimizer)
-        step, consumed, tokens_seen = state["step"], state["consumed_samples"], state["consumed_tokens"]
-        scheduler.load_state_dict(state["scheduler"])
-        if d.rank == 0:
-            print(f"keizoku: resumed from {resume} at step {step} ({consumed:,} samples)", flush=True)
-    if step >= steps:
-        if d.rank == 0:
-            print(f"keizoku: training is complete ({step} of {steps} steps)", flush=True)
-        return EXIT_OK
+    def _restore(self) -> Path | None:
+        """Model, optimizer, scheduler and TrainState from the checkpoint ``checkpoint.resume`` names, if any."""
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            newest = latest_checkpoint(self.run.path, engine="torch")
+            path = newest.path if newest is not None else None
+        else:
+            path = Path(resume)
+        if path is None:
+            return None
+        saved = checkpoint.restore(path, self.model, self.optimizer)
+        self.state = TrainState(saved["step"], saved["consumed_samples"], saved["consumed_tokens"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self._say(f"resumed from {path} at step {self.state.step} ({self.state.consumed_samples:,} samples)")
+        return path
 
-    def save(at: int) -> None:
-        checkpoint.save(ckpt_root, at, model, optimizer, {
-            "step": at, "consumed_samples": consumed, "consumed_tokens": tokens_seen,
-            "scheduler": scheduler.state_dict(), "steps": steps}, cfg.checkpoint.keep_last)
+    def _loader(self, dataset, consumed: int, total: int, workers: int, pin: bool):
+        sampler = blend.SampleSampler(total, consumed, self.cfg.train.micro_batch_size, self.d.rank, self.d.world)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
+                                           persistent_workers=workers > 0)
 
-    if cfg.eval.at_start and valid and step == 0:
-        metrics.log("eval", step, _evaluate(lm_loss, valid, cfg, d, eval_samples))
+    # --- one step -----------------------------------------------------------------------------------------------
 
-    loader = _loader(train_ds, blend.SampleSampler(total_samples, consumed, t.micro_batch_size, d.rank, d.world),
-                     cfg.data.num_workers, cuda)
-    batches = iter(loader)
-    if resume is not None:  # after the loader's seed draw: the next step sees the uninterrupted run's RNG
-        checkpoint.restore_rng(resume)
-    tokens_per_step = t.global_batch_size * seq
-    warned_retries = False
-    while step < steps:
-        prof = profiling.start(cfg.logging, step + 1, d.rank, d.device)
-        start = time.perf_counter()
-        data_time = 0.0
-        loss_sum = torch.zeros((), device=d.device)
-        for micro in range(accum):
-            last = micro == accum - 1
-            # without reshard_after_forward all weights are gathered at each backward's start anyway: they stay so
-            # until the step's last backward (the next forward's gathers would queue behind this backward's
-            # reduce-scatters), and that forward need not wait for the last one (the output layer's, 1 GiB at 8B)
-            lm_loss.set_reshard_after_backward(last or reshard)
-            lm_loss.set_is_last_backward(last or reshard)
-            if unsharded_accumulation:
-                lm_loss.set_requires_gradient_sync(last)
+    def train_step(self, batches) -> StepResult:
+        """One optimizer step over the step's micro batches of this rank."""
+        device, data_s = self.d.device, 0.0
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(self.accumulation):
+            parallel.prepare_micro_batch(self.lm_loss, micro == self.accumulation - 1, self.reshard,
+                                         self.unsharded_accumulation)
             t0 = time.perf_counter()
             batch = next(batches)
-            data_time += time.perf_counter() - t0
-            tokens = batch["tokens"].to(d.device, non_blocking=True)
-            labels = batch["labels"].to(d.device, non_blocking=True)
-            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16 and not cuda):
-                losses = lm_loss(tokens, labels)
-            (losses / (accum * tokens.numel())).backward()  # FSDP averages over ranks: the global mean
+            data_s += time.perf_counter() - t0
+            tokens = batch["tokens"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16 and not self.cuda):
+                losses = self.lm_loss(tokens, labels)
+            (losses / (self.accumulation * tokens.numel())).backward()  # FSDP averages over ranks: the global mean
             loss_sum += losses.detach()
-        # one host sync a step: the summed loss, the gradient norm and whether any rank was asked to stop come back
-        # together (each read on its own drains the GPU's queue, which then idles while the CPU catches up). A
-        # signal arriving after this point stops the run at the end of the next step.
-        totals = torch.stack([loss_sum, torch.full((), float(stop.signal is not None), device=d.device)])  # no copy
-        dist.all_reduce(totals)
-        loss_total, stop_votes, grad_norm = torch.cat([totals, _clip(model, cfg.optim.grad_clip).view(1)]).tolist()
-        loss = loss_total / tokens_per_step
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            if t.on_nan == "stop":
-                raise TrainingError(f"step {step + 1}: loss {loss}, grad norm {grad_norm}: not finite; stopping "
-                                    f"(the last checkpoint is untouched; train.on_nan: skip skips such steps)")
-            optimizer.zero_grad(set_to_none=True)
-            if d.rank == 0:
-                print(f"keizoku: step {step + 1}: non-finite loss/gradient, step skipped", flush=True)
+        loss, grad_norm, stop = self._reduce(loss_sum)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            if self.cfg.model.fp8 != "none":
+                float8.after_optimizer_step(self.lm_loss, self.cfg.model.fp8, self.fp8_all_gather)
         else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.model.fp8 != "none":
-                float8.after_optimizer_step(lm_loss, cfg.model.fp8, fp8_all_gather)
-        scheduler.step()
-        step += 1
-        consumed += t.global_batch_size
-        tokens_seen += tokens_per_step
-        elapsed = time.perf_counter() - start
-        if prof is not None:
-            table = profiling.finish(prof, run_dir, d.rank, step, d.device)
-            if d.rank == min(cfg.logging.profile_ranks):
-                print(f"keizoku: step {step} profiled: {table.parent}/", flush=True)
-        if step % cfg.logging.interval == 0 or step == steps:
-            values = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_step / elapsed, "tokens_per_s_per_device": tokens_per_step / elapsed / d.world,
-                      "step_s": elapsed, "data_share": data_time / elapsed, "tokens": tokens_seen}
-            if cuda:
-                values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                # each retry frees the allocator's cache and synchronises: a run at the card's limit slows down
-                values["memory_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
-                if values["memory_retries"] and not warned_retries and d.rank == 0:
-                    warned_retries = True
-                    print(f"keizoku: step {step}: the CUDA allocator ran out of cached memory and had to free and "
-                          "retry (memory_retries in the metrics); steps slow down at the card's limit: recompute "
-                          "more (model.full_recompute_layers, model.activation_checkpointing) or use "
-                          "optim.state_dtype: bf16", flush=True)
-            if peak:
-                values["mfu"] = flops_token * tokens_per_step / elapsed / d.world / peak
-            metrics.log("train", step, values)
-        if valid and cfg.eval.interval and step % cfg.eval.interval == 0 and step < steps:
-            metrics.log("eval", step, _evaluate(lm_loss, valid, cfg, d, eval_samples))
-        stopping = stop_votes > 0
-        if stopping or step == steps and cfg.checkpoint.save_at_end or \
-                cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-            save(step)
-        if stopping:
-            if d.rank == 0:
-                print(f"keizoku: signal {stop.signal}: saved step {step}; resubmit to continue", flush=True)
-            return EXIT_PREEMPTED
-    if valid:
-        metrics.log("eval", step, _evaluate(lm_loss, valid, cfg, d, eval_samples))
-    return EXIT_OK
+            self._skip_step(loss, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.consumed_samples += self.cfg.train.global_batch_size
+        self.state.consumed_tokens += self.tokens_per_step
+        return StepResult(loss, grad_norm, stop, data_s)
+
+    def _reduce(self, loss_sum: torch.Tensor) -> tuple[float, float, bool]:
+        """(mean token loss over all ranks, gradient norm before clipping, whether any rank was asked to stop), in
+        one host sync a step: each read on its own drains the GPU's queue, which then idles while the CPU catches
+        up. A signal arriving after this point stops the run at the end of the next step."""
+        asked = torch.full((), float(self.stop.signal is not None), device=self.d.device)
+        totals = torch.stack([loss_sum, asked])
+        dist.all_reduce(totals)
+        grad_norm = parallel.clip_grad_norm(self.model, self.cfg.optim.grad_clip)
+        loss_total, stop_votes, norm = torch.cat([totals, grad_norm.view(1)]).tolist()
+        return loss_total / self.tokens_per_step, norm, stop_votes > 0
+
+    def _skip_step(self, loss: float, grad_norm: float) -> None:
+        step = self.state.step + 1
+        if self.cfg.train.on_nan == "stop":
+            raise TrainingError(f"step {step}: loss {loss}, grad norm {grad_norm}: not finite; stopping (the last "
+                                "checkpoint is untouched; train.on_nan: skip skips such steps)")
+        self._say(f"step {step}: non-finite loss/gradient, step skipped")
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss and perplexity of every validation set, on its first ``eval.batches`` micro batches per rank."""
+        self.lm_loss.eval()
+        losses = {}
+        for name, dataset in self.valid.items():
+            total = torch.zeros(2, device=self.d.device)
+            for batch in self._loader(dataset, 0, self.eval_samples, 0, False):
+                tokens, labels = batch["tokens"].to(self.d.device), batch["labels"].to(self.d.device)
+                total[0] += self.lm_loss(tokens, labels)
+                total[1] += labels.numel()
+            dist.all_reduce(total)
+            losses[name] = (total[0] / total[1]).item()
+        self.lm_loss.train()
+        return eval_values(losses)
+
+    # --- checkpoint ---------------------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(), "steps": self.length.steps}
+        return checkpoint.save(self.run.path, self.state.step, self.model, self.optimizer, state,
+                               self.cfg.checkpoint.keep_last)
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        cfg, steps = self.cfg, self.length.steps
+        if self.state.step >= steps:
+            self._say(f"training is complete ({self.state.step} of {steps} steps)")
+            return ExitCode.OK
+        if cfg.eval.at_start and self.valid and self.state.step == 0:
+            self._log("eval", self.evaluate())
+        batches = iter(self._loader(self.train_data, self.state.consumed_samples, self.length.samples,
+                                    cfg.data.num_workers, self.cuda))
+        if self.resumed_from is not None:  # after the loader's seed draw: the next step sees the uninterrupted RNG
+            checkpoint.restore_rng(self.resumed_from)
+        while self.state.step < steps:
+            profiler = profiling.start(cfg.logging, self.state.step + 1, self.d.rank, self.d.device)
+            start = time.perf_counter()
+            result = self.train_step(batches)
+            elapsed = time.perf_counter() - start
+            step, last = self.state.step, self.state.step == steps
+            if profiler is not None:
+                self._finish_profile(profiler)
+            if step % cfg.logging.interval == 0 or last:
+                self._log("train", self._train_values(result, elapsed))
+            if self.valid and cfg.eval.interval and step % cfg.eval.interval == 0 and not last:
+                self._log("eval", self.evaluate())
+            if result.stop_requested or last and cfg.checkpoint.save_at_end or \
+                    cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                self.save()
+            if result.stop_requested:
+                self._say(f"signal {self.stop.signal}: saved step {step}; resubmit to continue")
+                return ExitCode.STOPPED
+        if self.valid:
+            self._log("eval", self.evaluate())
+        return ExitCode.OK
+
+    def _train_values(self, result: StepResult, elapsed: float) -> dict:
+        per_s = self.tokens_per_step / elapsed
+        values = {"loss": result.loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+                  "tokens_per_s": per_s, "tokens_per_s_per_device": per_s / self.d.world, "step_s": elapsed,
+                  "data_share": result.data_s / elapsed, "tokens": self.state.consumed_tokens}
+        if self.cuda:
+            values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            values["memory_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+            self._warn_memory_retries(values["memory_retries"])
+        if self.peak_flops:
+            values["mfu"] = self.flops_per_token * per_s / self.d.world / self.peak_flops
+        return values
+
+    def _warn_memory_retries(self, retries: int) -> None:
+        """Each retry frees the allocator's cache and synchronises: a run at the card's limit slows down."""
+        if retries and not self.warned_memory_retries:
+            self.warned_memory_retries = True
+            self._say(f"step {self.state.step}: the CUDA allocator ran out of cached memory and had to free and "
+                      "retry (memory_retries in the metrics); steps slow down at the card's limit: recompute more "
+                      "(model.full_recompute_layers, model.activation_checkpointing) or use optim.state_dtype: bf16")
+
+    def _finish_profile(self, profiler) -> None:
+        table = profiling.finish(profiler, self.run.path, self.d.rank, self.state.step, self.d.device)
+        if self.d.rank == min(self.cfg.logging.profile_ranks):
+            print(f"keizoku: step {self.state.step} profiled: {table.parent}/", flush=True)
+
+    def _log(self, kind: str, values: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.log(kind, self.state.step, values)
+
+    def _say(self, message: str) -> None:
+        if self.d.rank == 0:
+            print(f"keizoku: {message}", flush=True)
 
 
-# dense BF16 peak per GPU, TFLOP/s (MFU's denominator)
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "GH200": 989.4}
+def _metrics_logger(cfg: KeizokuConfig, run: RunDir) -> MetricsLogger:
+    wandb = None
+    if cfg.logging.wandb:
+        try:
+            import wandb as wandb_module
+        except ImportError:
+            raise TrainingError("logging.wandb: true, but wandb is not installed (pip install wandb)") from None
+        from omegaconf import OmegaConf
 
-
-def flops_per_token(model, seq_length: int) -> float:
-    """Training FLOPs per token: 6·N + 12·L·H·S (N: parameters except the input embedding, output layer
-    included; L layers, H hidden size, S sequence length; the second term is attention)."""
-    cfg = model.config
-    embed = model.get_input_embeddings().weight
-    n = sum(p.numel() for p in model.parameters()) - embed.numel()
-    if getattr(cfg, "tie_word_embeddings", False):
-        n += embed.numel()  # the tied output layer still does its matmul
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_length
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
-
-
-def _shard(model: CausalLMWithLoss, cfg: KeizokuConfig, d: Dist, bf16: bool, compile: bool, reshard: bool) -> None:
-    """FSDP2 per decoder layer (each with its activation checkpointing, optionally compiled), the input embedding
-    on its own when it is not tied to the output layer, then the root: the wrapper, so the final norm and output
-    layer (and a tied embedding) stay gathered from the body's forward through the loss."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(d.device.type, (d.world,))
-    reduce_dtype = torch.bfloat16 if cfg.parallel.reduce_dtype == "bf16" else torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype) \
-        if bf16 and d.device.type == "cuda" else MixedPrecisionPolicy()
-    layers = _decoder_layers(model.lm)
-    try:
-        modes = recompute.layer_modes(len(layers), cfg.model.activation_checkpointing, cfg.model.full_recompute_layers)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    for i, (layer, mode) in enumerate(zip(layers, modes)):
-        layer = layers[i] = recompute.wrap(layer, mode)
-        if compile:
-            layer.compile()
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    embedding, output = model.lm.get_input_embeddings(), model.lm.get_output_embeddings()
-    if output is None or embedding.weight is not output.weight:
-        # its own unit: the gathered input embedding (1 GiB for Llama-3.1-8B) is not held from forward to backward
-        fully_shard(embedding, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-
-
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    base = getattr(model, model.base_model_prefix, model)
-    layers = getattr(base, "layers", None) or getattr(base, "h", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TrainingError(f"{type(model).__name__}: cannot find its decoder layers to shard")
-    return layers
-
-
-def _clip(model, max_norm: float) -> torch.Tensor:
-    """Clips the gradients to ``max_norm`` (0: no clipping); returns their norm before clipping, on the device."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
-
-
-def _datasets(cfg: KeizokuConfig, run_dir: Path, total_samples: int, eval_samples: int):
-    from keizoku.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_path)
-    if tok.eos_id is None:
-        raise TrainingError("model.tokenizer: the tokenizer has no eos token (the EOD that joins documents)")
-    cache = cfg.data.cache_dir or str(run_dir / "data-cache")
-    return blend.build(cfg.data, seq_length=cfg.data.seq_length, train_samples=total_samples,
-                       eval_samples=eval_samples, eod=tok.eos_id, vocab_size=tok.vocab_size,
-                       fingerprint=tokenizer_fingerprint(tok), cache_dir=cache)
-
-
-def _loader(dataset, sampler, workers: int, pin: bool):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
-                                       persistent_workers=workers > 0)
-
-
-@torch.no_grad()
-def _evaluate(model: CausalLMWithLoss, valid: dict, cfg: KeizokuConfig, d: Dist, eval_samples: int) -> dict:
-    model.eval()
-    out = {}
-    for name, dataset in valid.items():
-        total = torch.zeros(2, device=d.device)
-        for batch in _loader(dataset, blend.SampleSampler(eval_samples, 0, cfg.train.micro_batch_size, d.rank, d.world),
-                             0, False):
-            tokens, labels = batch["tokens"].to(d.device), batch["labels"].to(d.device)
-            total[0] += model(tokens, labels)
-            total[1] += labels.numel()
-        dist.all_reduce(total)
-        loss = (total[0] / total[1]).item()
-        out[f"{name}_loss"] = loss
-        out[f"{name}_ppl"] = math.exp(min(loss, 50))
-    model.train()
-    return out
+        wandb = wandb_module.init(project=cfg.logging.wandb_project, dir=str(run.path), resume="allow",
+                                  config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return MetricsLogger(run.path, tensorboard_dir=run.tensorboard if cfg.logging.tensorboard else None, wandb=wandb)

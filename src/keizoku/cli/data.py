@@ -1,0 +1,185 @@
+"""``keizoku tokenize`` and ``keizoku inspect``: JSONL/Parquet → Megatron indexed datasets, and what is in them."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from keizoku.cli.app import app, console, error, log, out
+from keizoku.errors import KeizokuError
+from keizoku.rundir import ExitCode
+
+
+class OnError(str, Enum):
+    stop = "stop"
+    skip = "skip"
+
+
+@app.command()
+def tokenize(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Input files, directories (searched recursively) or quoted globs: .jsonl, .jsonl.gz, .jsonl.zst, "
+        ".parquet.", show_default=False)],
+    tokenizer: Annotated[str, typer.Option("--tokenizer", "-t", help="Hugging Face tokenizer: a local directory or a hub id.",
+                                           show_default=False)],
+    output_dir: Annotated[Optional[Path], typer.Option(
+        "--output-dir", "-o", help="Write one dataset per input file, named like Megatron: "
+        "DIR/{stem}_{key}_document.bin/.idx (sub-directories of an input directory are kept).")] = None,
+    output_prefix: Annotated[Optional[str], typer.Option(
+        "--output-prefix", help="Merge all inputs, in order, into one dataset per key: "
+        "PREFIX_{key}_document.bin/.idx (what preprocess_data.py --output-prefix writes).")] = None,
+    text_key: Annotated[list[str], typer.Option(
+        "--text-key", "-k", help="JSON field (Parquet column) holding the text. Repeat for several keys, "
+        "like Megatron's --json-keys: one dataset per key.")] = ["text"],  # noqa: B006
+    append_eod: Annotated[bool, typer.Option(
+        help="Append EOD (the tokenizer's eos token) to every document. Like Megatron, an empty document "
+        "gets no EOD: it is stored as a document with zero tokens.")] = True,
+    add_bos: Annotated[bool, typer.Option(
+        "--add-bos", help="Prepend the tokenizer's bos token to every document. Off reproduces Megatron-LM "
+        "core 0.16's preprocess_data.py (and newer ones with --tokenizer-hf-no-include-special-tokens); on "
+        "reproduces core >= 0.17's default for tokenizers whose template adds only BOS (Llama-3, llm-jp-3), "
+        "including [BOS, EOD] for an empty document.")] = False,
+    use_fast: Annotated[bool, typer.Option(help="Load the fast (Rust) Hugging Face tokenizer.")] = True,
+    fast_bpe: Annotated[bool, typer.Option(
+        help="For byte-level BPE tokenizers whose merges follow vocabulary rank (Llama-3 and the like), use "
+        "keizoku's exact fast BPE (C for the Llama-3 split pattern, tiktoken otherwise) once it is verified to "
+        "give Hugging Face's ids on a probe text and on your first documents; Hugging Face otherwise.")] = True,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes (0 = all cores).")] = 0,
+    on_error: Annotated[OnError, typer.Option(
+        help="Bad input (malformed JSON, missing/null/non-string text, invalid UTF-8, blank line, truncated "
+        "gzip/zstd): 'stop' exits non-zero at the first one with path:line; 'skip' skips the line, counts it and "
+        "records it in the manifest.")] = OnError.stop,
+    force: Annotated[bool, typer.Option("--force", help="Redo datasets that are complete and up to date.")] = False,
+    chunk_mb: Annotated[float, typer.Option(help="Input handed to a worker at a time, in MB.")] = 4.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+) -> None:
+    """Tokenize JSONL/Parquet documents into Megatron indexed datasets (.bin/.idx).
+
+    Output is byte-identical to Megatron-LM's tools/preprocess_data.py with
+    --tokenizer-type HuggingFaceTokenizer for the same input, tokenizer and flags, and is read by
+    megatron-core's IndexedDataset. A keizoku-manifest.json beside the datasets records inputs,
+    counts, skipped lines, tokenizer and flags; rerunning skips datasets that are complete and up to
+    date with their inputs, so an interrupted run over many files resumes where it stopped.
+
+    Example:
+
+        keizoku tokenize data/ja/ --tokenizer meta-llama/Llama-3.1-8B --output-dir tokenized/ja
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
+    from keizoku.data import tokenize as tk
+
+    opts = tk.TokenizeOptions(
+        inputs=inputs, tokenizer=tokenizer, output_dir=output_dir, output_prefix=output_prefix,
+        text_keys=list(text_key), append_eod=append_eod, add_bos=add_bos, use_fast=use_fast, fast_bpe=fast_bpe,
+        workers=workers, on_error=on_error.value, force=force, chunk_bytes=max(1, int(chunk_mb * (1 << 20))),
+    )
+    try:
+        result = tk.tokenize(opts, console=console, progress=not quiet and console.is_terminal,
+                             log=(lambda msg: None) if quiet else log)
+    except (KeizokuError, ValueError) as e:  # ValueError: a tokenizer that cannot be loaded
+        error(str(e))
+        raise typer.Exit(ExitCode.FAILED) from None
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]: unfinished datasets were removed; rerun to resume")
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    if not quiet:
+        out.print(_tokenize_table(result, tk.summarize(result)))
+
+
+def _tokenize_table(result, rows: list[dict]) -> Table:
+    """One row per dataset, and the total of those made by this run."""
+    table = Table(title=f"keizoku tokenize — {result.manifest}", title_justify="left")
+    for col in ("dataset", "docs", "tokens", "MB", "seconds", "tokens/s", "skipped", "status"):
+        table.add_column(col, justify="left" if col in ("dataset", "status") else "right", no_wrap=col != "dataset",
+                         overflow="fold", min_width=12 if col == "dataset" else None)
+    for r in rows:
+        table.add_row(r["dataset"], f"{r['documents']:,}", f"{r['tokens']:,}", f"{r['mb']:,.2f}",
+                      f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['skipped']:,}", r["status"])
+    fresh = [r for r in rows if r["status"] == "done"]
+    if fresh:
+        tokens = sum(r["tokens"] for r in fresh)
+        mb = sum(r["mb"] for r in fresh)
+        table.add_section()
+        table.add_row("total (this run)", f"{sum(r['documents'] for r in fresh):,}", f"{tokens:,}", f"{mb:,.2f}",
+                      f"{result.seconds:.2f}", f"{tokens / result.seconds:,.0f}",
+                      f"{sum(r['skipped'] for r in fresh):,}", f"{mb / result.seconds:,.2f} MB/s")
+    return table
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="A dataset prefix (PATH for PATH.bin/PATH.idx) or a directory.",
+                                        show_default=False)],
+    decode: Annotated[int, typer.Option("--decode", "-n", help="Print the first N documents decoded.")] = 0,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        "--tokenizer", "-t", help="Tokenizer for --decode (default: the one recorded in the manifest).")] = None,
+) -> None:
+    """Show documents, tokens, dtype and the document-length histogram of indexed datasets."""
+    from keizoku.data.inspect import manifest_entry, resolve, stats
+
+    try:
+        prefixes, manifest_path, manifest = resolve(path)
+    except (FileNotFoundError, ValueError) as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.FAILED) from None
+    all_stats = [stats(prefix) for prefix in prefixes]
+    out.print(_stats_table(path, prefixes, all_stats))
+    if len(prefixes) == 1:
+        out.print(_histogram_table(all_stats[0]["histogram"]))
+        entry = manifest_entry(manifest_path, manifest, prefixes[0])
+        if entry:
+            out.print(_provenance(entry), highlight=False)
+    if decode:
+        for prefix in prefixes:
+            _print_decoded(prefix, decode, tokenizer or _recorded_tokenizer(manifest_entry(manifest_path, manifest,
+                                                                                           prefix), prefix))
+
+
+def _stats_table(path: str, prefixes: list[str], all_stats: list[dict]) -> Table:
+    summary = Table(title=str(path), title_justify="left")
+    for col in ("dataset", "documents", "empty", "tokens", "dtype", "mean len", "p50", "p99", "max"):
+        summary.add_column(col, justify="left" if col == "dataset" else "right")
+    for prefix, s in zip(prefixes, all_stats):
+        summary.add_row(Path(prefix).name, f"{s['documents']:,}", f"{s['empty_documents']:,}", f"{s['tokens']:,}",
+                        s["dtype"], f"{s.get('mean', 0):,.1f}", f"{s.get('p50', 0):,.0f}", f"{s.get('p99', 0):,.0f}",
+                        f"{s.get('max', 0):,}")
+    return summary
+
+
+def _histogram_table(histogram: list[tuple[str, int]]) -> Table:
+    hist = Table(title="document length (tokens)", title_justify="left")
+    hist.add_column("tokens", justify="right")
+    hist.add_column("documents", justify="right")
+    hist.add_column("")
+    peak = max((n for _, n in histogram), default=1) or 1
+    for bucket, n in histogram:
+        hist.add_row(bucket, f"{n:,}", "█" * max(1 if n else 0, round(40 * n / peak)))
+    return hist
+
+
+def _provenance(entry: dict) -> str:
+    """What the manifest says the dataset was made from, and how."""
+    inputs = ", ".join(i["path"] for i in entry["inputs"][:3]) + (" …" if len(entry["inputs"]) > 3 else "")
+    tok = entry["tokenizer"]
+    return (f"made from {inputs}; tokenizer {tok['name_or_path']} ({tok['class']}, vocab {tok['vocab_size']:,}); "
+            f"flags {entry['flags']}; skipped {entry['skipped']['count']:,} lines")
+
+
+def _recorded_tokenizer(entry: dict | None, prefix: str) -> str:
+    if entry is None:
+        error(f"{prefix}: no manifest records its tokenizer; pass --tokenizer")
+        raise typer.Exit(ExitCode.FAILED)
+    return entry["tokenizer"]["name_or_path"]
+
+
+def _print_decoded(prefix: str, n: int, tokenizer: str) -> None:
+    from keizoku.data.inspect import decode
+
+    for i, length, text in decode(prefix, n, tokenizer):
+        out.rule(f"{Path(prefix).name} · document {i} · {length:,} tokens")
+        out.print(text, markup=False, highlight=False)

@@ -1,0 +1,176 @@
+"""``keizoku launch``, ``keizoku submit`` and ``keizoku status``: multi-node runs under batch schedulers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from keizoku.cli.app import app, error, load_config_or_exit, log, out
+from keizoku.rundir import ExitCode
+
+
+def _launch_profile(name: Optional[str], sets: Optional[list[str]]):
+    from keizoku.launch.profile import ProfileError, load_profile
+
+    try:
+        return load_profile(name, sets or []) if name else None
+    except ProfileError as e:
+        for line in str(e).splitlines():
+            error(line)
+        raise typer.Exit(ExitCode.CONFIG) from None
+
+
+def _plan_here(config: Path, overrides: list[str], cfg, prof, starter: Optional[str], launcher: Optional[str],
+               nproc_per_node: int):
+    """The launch plan of `keizoku launch` in this allocation: flags, else the profile, else the scheduler's
+    native starter (a profile written for another scheduler keeps its launcher, not its starter)."""
+    from keizoku.launch.driver import LaunchPlan
+    from keizoku.launch.schedulers import scheduler_of
+    from keizoku.schedule import run_length
+
+    scheduler = scheduler_of(os.environ)
+    plan = LaunchPlan(train_args=[str(config), *overrides], run_dir=str(Path(cfg.run_dir).resolve()),
+                      total_steps=run_length(cfg).steps, workdir=os.getcwd(),
+                      launcher=launcher or (prof.launcher if prof else "node"),
+                      starter=starter or (prof.starter if prof and prof.scheduler == scheduler.name
+                                          else scheduler.native_starter),
+                      procs_per_node=nproc_per_node or (prof.procs_per_node or prof.gpus_per_node if prof else 0))
+    if prof:
+        plan.env, plan.mpirun, plan.failure_grace_s = dict(prof.env), list(prof.mpirun), prof.failure_grace_s
+    return plan
+
+
+@app.command()
+def launch(
+    config: Annotated[Path, typer.Argument(help="A keizoku YAML config.", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Site profile (name or YAML file) for "
+                                                   "the launcher, starter, environment; default: by scheduler.")] = None,
+    starter: Annotated[Optional[str], typer.Option(help="srun, mpirun, pbsdsh, qrsh, ssh or local (default: srun "
+                                                   "under Slurm, qrsh under Grid Engine, pbsdsh under PBS).")] = None,
+    launcher: Annotated[Optional[str], typer.Option(help="node (an agent per node) or mpi (a process per GPU "
+                                                    "from the starter).")] = None,
+    nproc_per_node: Annotated[int, typer.Option(help="Training processes per node (0: one per visible GPU, or 1).")] = 0,
+) -> None:
+    """Run training on the nodes of the current allocation (inside a qsub/sbatch job, or on this machine).
+
+    Reads the scheduler's variables (Grid Engine PE_HOSTFILE, PBS_NODEFILE, SLURM_JOB_NODELIST; none: this
+    machine), picks the rendezvous (this host, a port no other job here holds), starts one agent per node
+    (srun, mpirun, pbsdsh, qrsh -inherit, ssh) that starts a training process per GPU, relays the
+    walltime warning (SIGUSR1/SIGUSR2/SIGTERM: save and exit 3) and stops every node if one fails. Exits at
+    once with 0 when the run is already complete. Started as one of several tasks by mpirun or srun, it is
+    one training process: ranks from OMPI_COMM_WORLD_*, PMI_*, SLURM_PROCID, ...
+
+    Exit status: 0 done, 1 failed (or the failed rank's status), 2 bad config, 3 stopped after saving.
+    """
+    from keizoku.launch.driver import LaunchError, launch_job
+    from keizoku.launch.port import PortError
+    from keizoku.launch.ranks import RankError, from_env
+    from keizoku.launch.schedulers import AllocationError
+
+    try:
+        in_mpi = from_env(os.environ) is not None
+    except RankError as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.CONFIG) from None
+    if in_mpi:  # one rank of a user's `mpirun ... keizoku launch CONFIG`
+        from keizoku.launch.worker import exec_train
+
+        exec_train([str(config), *(overrides or [])])
+    cfg = load_config_or_exit(config, overrides, exit_code=ExitCode.CONFIG)
+    prof = _launch_profile(profile, None)
+    try:
+        status = launch_job(_plan_here(config, list(overrides or []), cfg, prof, starter, launcher, nproc_per_node))
+    except (LaunchError, AllocationError, PortError) as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.CONFIG) from None
+    raise typer.Exit(status)
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="A keizoku YAML config.", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Site profile: tsubame4, abci3, slurm, local, "
+                                         "one of yours (~/.config/keizoku/profiles/NAME.yaml) or a YAML file.",
+                                         show_default=False)] = ...,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", "-N", help="Nodes per job.", min=1)] = None,
+    walltime: Annotated[Optional[str], typer.Option("--walltime", "-t", help="Time limit per job, HH:MM:SS.")] = None,
+    chain: Annotated[int, typer.Option(help="Submit K jobs, each waiting for the previous one (afterany) and "
+                                       "resuming from the newest checkpoint; spare ones exit at once.", min=1)] = 1,
+    container: Annotated[Optional[Path], typer.Option(help="Run training in this Apptainer image (.sif): "
+                                                      "apptainer exec --nv -B ... IMAGE.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a profile setting: key=value "
+                                                      "(e.g. group=tga12345, queue=gpu, env.NCCL_DEBUG=INFO).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Job name (default: keizoku-RUN_DIR_NAME).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the job script and the submit commands; "
+                                          "write and submit nothing.")] = False,
+) -> None:
+    """Write a job script for a site profile into the run directory and submit it (a chain with --chain).
+
+    The script asks for the scheduler's walltime warning (Grid Engine -notify, Slurm --signal), runs
+    `keizoku launch` on the job's nodes, and records job ids in RUN_DIR/jobs.jsonl (see keizoku status).
+    Profiles are YAML: copy a shipped one to ~/.config/keizoku/profiles/ or write one with base: NAME.
+    """
+    import shlex
+
+    from keizoku.errors import KeizokuError
+    from keizoku.launch.schedulers import scheduler_named
+    from keizoku.launch.submit import submit_jobs
+
+    cfg = load_config_or_exit(config, overrides, exit_code=ExitCode.CONFIG)
+    sets = list(set_ or []) + ([f"nodes={nodes}"] if nodes else []) + ([f"walltime={walltime}"] if walltime else [])
+    prof = _launch_profile(profile, sets)
+    try:
+        result = submit_jobs(cfg, config, list(overrides or []), prof, chain=chain, container=container,
+                             dry_run=dry_run, name=name, command=shlex.join(["keizoku", "submit", *sys.argv[2:]]),
+                             log=log)
+    except (KeizokuError, ValueError, OSError) as e:  # ValueError: a job id the scheduler's output did not give
+        error(str(e))
+        raise typer.Exit(ExitCode.FAILED) from None
+    if dry_run:
+        print(f"# {result.script} (dry run: not written)\n{result.script_text}# would run:")
+        for cmd in result.commands:
+            print(f"#   {shlex.join(cmd)}")
+        return
+    log(f"job script {result.script}; follow with: keizoku status {Path(cfg.run_dir)}")
+    if result.job_ids and scheduler_named(prof.scheduler).queues_jobs:
+        print(" ".join(result.job_ids))
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="A keizoku run directory.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Jobs of a run and their states, the last step, loss and tokens, and the newest checkpoint."""
+    import json
+
+    from keizoku.launch.status import run_status
+
+    if not run_dir.is_dir():
+        error(f"{run_dir}: no such run directory")
+        raise typer.Exit(ExitCode.FAILED)
+    s = run_status(run_dir)
+    if as_json:
+        print(json.dumps(s.to_dict(), indent=1))
+        return
+    table = Table(title=f"{run_dir} — jobs ({s.scheduler or 'none recorded'})", title_justify="left")
+    for col in ("job", "chain", "state", "exit", "hosts", "detail"):
+        table.add_column(col, overflow="fold")
+    for j in s.jobs:
+        table.add_row(j.job_id, f"{j.link}/{j.of}" if j.link else "", j.state,
+                      "" if j.exit_status is None else str(j.exit_status), ",".join(j.hosts[:4]), j.detail)
+    out.print(table)
+    if s.last:
+        total = f" of {s.total_steps}" if s.total_steps else ""
+        out.print(f"step {s.last['step']}{total} · loss {s.last['loss']:.4f} · tokens {s.last['tokens']:,}",
+                  highlight=False)
+    else:
+        out.print("no training step recorded yet", highlight=False)
+    out.print(f"latest checkpoint: {s.checkpoint or 'none'}", highlight=False, soft_wrap=True)

@@ -1,0 +1,154 @@
+"""``keizoku quickstart``, ``train``, ``export``, ``convert import`` and ``config``: training and its artifacts."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from keizoku.cli.app import app, error, leave, load_config_or_exit, log
+from keizoku.cli.app import out as stdout
+from keizoku.errors import KeizokuError
+from keizoku.rundir import ExitCode
+
+
+@app.command()
+def quickstart(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where everything is written.")] = Path("quickstart-out"),
+    force: Annotated[bool, typer.Option("--force", help="Redo every step, even those already finished.")] = False,
+    steps: Annotated[int, typer.Option(help="Continual pre-training steps (8 sequences of 256 tokens each).",
+                                       min=1)] = 60,
+    base_steps: Annotated[int, typer.Option(help="Pre-training steps of the tiny base model on English.",
+                                            min=1)] = 30,
+) -> None:
+    """The whole pipeline on a CPU in about a minute, with bundled data and a tiny model.
+
+    Splits the bundled Japanese and English samples, tokenizes them, pre-trains a tiny Llama-shaped base
+    model on English, continues its pre-training on Japanese with English replay, exports it to Hugging Face
+    format (logits verified) and generates from it with transformers. Ends with validation losses before and
+    after, a loss plot, where everything is, and the commands to run next on real data. A rerun reuses the
+    steps that are finished.
+    """
+    from keizoku.quickstart import Options, run_quickstart
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the hub
+    try:
+        run_quickstart(Options(out=out_dir, steps=steps, base_steps=base_steps, force=force), console=stdout)
+    except (KeizokuError, OSError) as e:
+        error(str(e))
+        leave(ExitCode.FAILED)
+    leave(ExitCode.OK)  # as after train: gloo threads
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="A keizoku YAML config (see keizoku config defaults).",
+                                           show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+) -> None:
+    """Continual pre-training from a Hugging Face model on tokenized datasets.
+
+    One process on a laptop, or under torchrun on many GPUs and nodes:
+    torchrun --nproc-per-node 8 -m keizoku train CONFIG.yaml. Resumes from the run's latest checkpoint
+    (checkpoint.resume: auto). Exit status: 0 done, 1 failed, 2 bad config, 3 stopped by SIGTERM/SIGUSR1/SIGUSR2
+    after saving (resubmit to continue).
+    """
+    from keizoku.engines import train as train_with_engine
+
+    cfg = load_config_or_exit(config, overrides)
+    try:
+        status = train_with_engine(cfg)
+    except KeizokuError as e:
+        error(str(e))
+        status = ExitCode.FAILED
+    leave(status)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A keizoku run directory.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the Hugging Face model.", show_default=False)],
+    step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: the latest).")] = None,
+    verify: Annotated[bool, typer.Option(help="Reload the export and check it reproduces the logits.")] = True,
+) -> None:
+    """Write a checkpoint as a Hugging Face model (safetensors, config, tokenizer) and verify its logits.
+
+    Runs of engine: megatron are exported through Megatron-Bridge (AutoBridge) from what keizoku recorded in
+    the run directory; they need Megatron-Bridge installed (the NeMo container).
+    """
+    from keizoku.engines import export as export_with_engine
+
+    try:
+        export_with_engine(run_dir, out, step=step, verify=verify, log=log)
+    except (KeizokuError, OSError) as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.FAILED) from None
+
+
+convert_app = typer.Typer(help="Convert checkpoints between Hugging Face and engine formats.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+class ConvertEngine(str, Enum):
+    megatron = "megatron"
+
+
+@convert_app.command("import")
+def convert_import(
+    hf_path: Annotated[str, typer.Argument(help="A local Hugging Face checkpoint directory.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the Megatron checkpoint.",
+                                                show_default=False)] = None,
+    import_dir: Annotated[Optional[Path], typer.Option(
+        help="Instead of --out: the cache directory that runs with megatron.import_dir: DIR look in (the "
+        "import lands in its subdirectory for this checkpoint's fingerprint and Bridge release).")] = None,
+    engine: Annotated[ConvertEngine, typer.Option(help="Target format.")] = ConvertEngine.megatron,
+    transformer_impl: Annotated[str, typer.Option(
+        help="transformer_engine, or local (Megatron-Core's own layers, where Transformer Engine is missing); "
+        "the checkpoint loads into either.")] = "transformer_engine",
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer recorded with the checkpoint "
+                                                          "(default: the HF checkpoint's).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the "
+                                                                                "checkpoint.")] = False,
+) -> None:
+    """Import a Hugging Face checkpoint to Megatron format (torch_dist) with Megatron-Bridge; one GPU.
+
+    keizoku train does this itself on the first run of engine: megatron (cached by the checkpoint's
+    fingerprint); run it by hand to prepare a shared import (megatron.import_dir) before submitting jobs.
+    """
+    from keizoku.engines import import_hf
+
+    if (out is None) == (import_dir is None):
+        error("give --out DIR or --import-dir DIR")
+        raise typer.Exit(ExitCode.CONFIG)
+    try:
+        import_hf(engine.value, hf_path, out=out, import_dir=import_dir, transformer_impl=transformer_impl,
+                  trust_remote_code=trust_remote_code, tokenizer=tokenizer, log=log)
+    except KeizokuError as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.FAILED) from None
+
+
+config_app = typer.Typer(help="Show and check keizoku configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("defaults")
+def config_defaults() -> None:
+    """Print every setting with its default and help text, as a YAML file to start from."""
+    from keizoku.config import defaults_yaml
+
+    print(defaults_yaml(), end="")
+
+
+@config_app.command("check")
+def config_check(
+    path: Annotated[Path, typer.Argument(help="A keizoku YAML config.", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+) -> None:
+    """Validate CONFIG with overrides, and print the resolved configuration."""
+    from keizoku.config import to_yaml
+
+    print(to_yaml(load_config_or_exit(path, overrides, exit_code=ExitCode.FAILED)), end="")

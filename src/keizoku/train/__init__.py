@@ -1,1 +1,0 @@
-"""Engine-neutral training pieces: learning-rate schedules, optimizer parameter groups."""
