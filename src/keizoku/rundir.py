@@ -137,7 +137,7 @@ class RunDir:
         return self.path / "jobs.jsonl"
 
     def job_record(self, job_id: str) -> Path:
-        return self.path / "jobs" / f"{safe_name(job_id)}.json"
+        return self.job_records / f"{safe_name(job_id)}.json"
 
     @property
     def job_records(self) -> Path:
