@@ -199,6 +199,12 @@ def test_two_process_torchrun_matches_one_process(setup, tmp_path):
         # the reduction order (1 vs 2 ranks): measured up to 8e-6 with full logits, 1.2e-5 with the chunked loss
         atol = 3e-5 if "embed_tokens" in k else 1e-5
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=atol, msg=k)
+    # the two ranks' checkpoint holds each tensor in two row blocks: the export streams both into place
+    keizoku("export", two, "--out", tmp_path / "two-hf", "--dtype", "fp32", "--no-verify-logits")
+    from safetensors.torch import load_file
+    exported = load_file(tmp_path / "two-hf/model.safetensors")
+    assert exported.keys() <= wb.keys() and len(exported) >= len(wb) - 1  # a tied output layer is written once
+    assert all(torch.equal(v, wb[k]) for k, v in exported.items())
     # sharded accumulation, no resharding: gathered once a step all the same, a reduce-scatter per micro batch
     names = two_processes(tmp_path / "sharded", 3, "parallel.grad_accumulation=sharded",
                           "parallel.reshard_after_forward=false")
@@ -287,20 +293,24 @@ def test_chunked_loss_trains_like_full_logits(setup, tmp_path):
     assert proc.returncode != 0 and "train.loss_chunk_tokens: must be >= 0" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "mixtral"])
 def test_other_architectures_train(setup, tmp_path, kind):
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+    """Tied embeddings and biases (qwen2), sliding window (mistral), MoE (mixtral: its checkpoint's per-expert
+    tensors are merged by transformers at load, so every rank loads it whole, and says so)."""
+    from transformers import AutoModelForCausalLM, MistralConfig, MixtralConfig, Qwen2Config
 
-    cls = {"qwen2": Qwen2Config, "mistral": MistralConfig}[kind]
+    cls = {"qwen2": Qwen2Config, "mistral": MistralConfig, "mixtral": MixtralConfig}[kind]
+    extra = {"num_local_experts": 4, "num_experts_per_tok": 2} if kind == "mixtral" else {}
     model = AutoModelForCausalLM.from_config(cls(
         vocab_size=8002, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=kind == "qwen2"))
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=kind == "qwen2", **extra))
     model.save_pretrained(tmp_path / "model")
     run = tmp_path / "run"
     cfg = config(setup, run, train__max_steps=8, checkpoint__interval=0, eval__interval=0)
-    keizoku("train", cfg, f"model.hf_path={tmp_path / 'model'}", f"model.tokenizer={setup / 'model'}")
+    out = keizoku("train", cfg, f"model.hf_path={tmp_path / 'model'}", f"model.tokenizer={setup / 'model'}").stdout
     evals = metrics(run, "eval")
     assert evals[-1]["ja_loss"] < evals[0]["ja_loss"]
+    assert ("every rank loads the whole model" in out) == (kind == "mixtral"), out
 
 
 def test_non_finite_gradients_stop_or_skip_without_saving_them(setup, tmp_path):

@@ -38,8 +38,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PEAK = 989.4e12
 SHAPES = {
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),  # Qwen2.5-0.5B's sizes
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+               num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),  # Llama-3.2-3B's sizes
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     "tiny": dict(vocab_size=8002, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

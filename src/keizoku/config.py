@@ -134,6 +134,10 @@ class CheckpointConfig:
     resume: str = setting("auto", "auto: continue from the newest complete checkpoint in the run directory if there is "
                                   "one; none: start afresh; or a checkpoint directory.")
     save_at_end: bool = setting(True, "Save when training completes.")
+    background: bool = setting(True, "engine: torch: write checkpoints while training goes on (each rank's model and "
+                                     "optimizer shard is first copied to host memory, pinned on a GPU: 12 bytes a "
+                                     "parameter / ranks, kept between saves); false: training waits while they "
+                                     "are written, and no host copy is kept.")
 
 
 @dataclass

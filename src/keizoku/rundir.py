@@ -4,6 +4,10 @@ and what a keizoku process's exit status means.
 Layout of ``RUN_DIR`` (``run_dir:`` in the config; ``RunDir`` below names each path)::
 
     config.yaml                 the resolved configuration, rewritten at every start of training
+    base-model/                 what export needs of model.hf_path, copied at the start of a run (small files
+                                only: config.json, generation_config.json; tokenizer/: the tokenizer's files), so
+                                that a run is exported and resumed after model.hf_path is moved or deleted
+                                (keizoku.base_model)
     metrics.jsonl               one JSON record a line, appended: {"kind": "train" | "eval", "step": N, ...}
     tensorboard/                TensorBoard events (logging.tensorboard)
     checkpoints/
@@ -103,6 +107,10 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / "config.yaml"
+
+    @property
+    def base_model(self) -> Path:
+        return self.path / "base-model"
 
     @property
     def metrics(self) -> Path:

@@ -67,22 +67,39 @@ def train(
     leave(status)
 
 
+class ExportDtype(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A keizoku run directory.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the Hugging Face model.", show_default=False)],
     step: Annotated[Optional[int], typer.Option(help="Checkpoint step (default: the latest).")] = None,
-    verify: Annotated[bool, typer.Option(help="Reload the export and check it reproduces the logits.")] = True,
+    dtype: Annotated[ExportDtype, typer.Option(help="Dtype of the exported weights; auto: the base model's (its "
+                                                    "config.json's dtype, fp32 if it names none).")] = ExportDtype.auto,
+    verify: Annotated[bool, typer.Option(help="Before publishing, read every exported tensor back and check it "
+                                              "equals the checkpoint's (and the logits: --verify-logits).")] = True,
+    verify_logits: Annotated[Optional[bool], typer.Option(
+        "--verify-logits/--no-verify-logits", show_default=False,
+        help="Also load the export with transformers and check it reproduces the checkpoint's logits (holds the "
+             "model in fp32 in memory). Default: on for models of at most 1.5B parameters.")] = None,
 ) -> None:
-    """Write a checkpoint as a Hugging Face model (safetensors, config, tokenizer) and verify its logits.
+    """Write a checkpoint as a Hugging Face model (safetensors, config, tokenizer), verified.
 
-    Runs of engine: megatron are exported through Megatron-Bridge (AutoBridge) from what keizoku recorded in
-    the run directory; they need Megatron-Bridge installed (the NeMo container).
+    Engine torch streams it: the checkpoint is read a few layers at a time, never the whole model, and needs no
+    model.hf_path (the run keeps a copy of the base model's config and tokenizer in RUN_DIR/base-model). Runs of
+    engine: megatron are exported through Megatron-Bridge (AutoBridge) from what keizoku recorded in the run
+    directory; they need Megatron-Bridge installed (the NeMo container).
     """
     from keizoku.engines import export as export_with_engine
 
     try:
-        export_with_engine(run_dir, out, step=step, verify=verify, log=log)
+        export_with_engine(run_dir, out, step=step, verify=verify, log=log, dtype=dtype.value,
+                           verify_logits=verify_logits)
     except (KeizokuError, OSError) as e:
         error(str(e))
         raise typer.Exit(ExitCode.FAILED) from None

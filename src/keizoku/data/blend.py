@@ -55,10 +55,12 @@ class MegatronTokenizerShim:
 
 
 def run_tokenizer(cfg: KeizokuConfig) -> MegatronTokenizerShim:
-    """What GPTDataset needs of the run's tokenizer (``model.tokenizer``, else ``model.hf_path``)."""
+    """What GPTDataset needs of the run's tokenizer (``base_model.tokenizer_dir``: the run's copy, else
+    ``model.tokenizer``, else ``model.hf_path``)."""
+    from keizoku.base_model import tokenizer_dir
     from keizoku.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_path)
+    tok = load_tokenizer(tokenizer_dir(cfg))
     if tok.eos_id is None:
         raise DataError("model.tokenizer: the tokenizer has no eos token (the EOD that joins documents)")
     return MegatronTokenizerShim(tok.eos_id, tok.vocab_size, tokenizer_fingerprint(tok))

@@ -4,8 +4,9 @@ Every engine offers the same entry points (``ENGINES``: where each one lives, im
 
 - ``train(cfg) -> int``: train the config from its run directory's newest checkpoint (or the base model); the
   process exit status (``keizoku.rundir.ExitCode``);
-- ``export(run_dir, out, *, step, verify, log) -> dict``: a checkpoint of the run → a Hugging Face model
-  directory, verified; returns what ``out/keizoku_export.json`` records;
+- ``export(run_dir, out, *, step, verify, log, dtype, verify_logits) -> dict``: a checkpoint of the run → a
+  Hugging Face model directory in ``dtype`` (auto: the base model's), verified (``verify_logits``: also the
+  logits; None: where the engine finds it affordable); returns what ``out/keizoku_export.json`` records;
 - ``import_hf(hf_path, *, out | import_dir, ...)``: for an engine that trains on its own format of the HF weights
   (megatron), the import ``keizoku convert import`` makes; ``None`` where the engine reads HF checkpoints itself.
 
@@ -63,10 +64,12 @@ def train(cfg: KeizokuConfig) -> int:
     return entry_point(cfg.engine, "train")(cfg)
 
 
-def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, verify: bool = True, log=print) -> dict:
+def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, verify: bool = True, log=print,
+           dtype: str = "auto", verify_logits: bool | None = None) -> dict:
     """Export a run's checkpoint with the engine that trained it (its ``config.yaml`` says which)."""
     cfg = load_config(RunDir(run_dir).config)
-    return entry_point(cfg.engine, "export")(Path(run_dir), Path(out), step=step, verify=verify, log=log)
+    return entry_point(cfg.engine, "export")(Path(run_dir), Path(out), step=step, verify=verify, log=log,
+                                             dtype=dtype, verify_logits=verify_logits)
 
 
 def import_hf(engine: str, hf_path: str, **options) -> Path:

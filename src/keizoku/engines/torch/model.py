@@ -48,6 +48,22 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int =
     return model
 
 
+def model_skeleton(cfg: ModelConfig, config_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The architecture of the model in ``config_dir`` on the meta device: no memory, no initialisation
+    (``weights`` fills it once it is sharded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not config_dir:
+        raise ModelLoadError("model.hf_path: required — the Hugging Face model to continue from")
+    try:
+        config = AutoConfig.from_pretrained(config_dir, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.hf_path: cannot load {config_dir!r}: {e}") from e
+    config._attn_implementation = cfg.attn_implementation
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype), trust_remote_code=cfg.trust_remote_code)
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The Hugging Face model's decoder layers (``model.layers``, or ``transformer.h`` for GPT-2 style models)."""
     base = getattr(model, model.base_model_prefix, model)

@@ -22,17 +22,20 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from keizoku import base_model
 from keizoku.config import KeizokuConfig, reshard_after_forward, save_resolved, unsharded_grad_accumulation, validate
 from keizoku.data import blend
-from keizoku.engines.torch import TrainingError, checkpoint, float8, parallel, profiling
+from keizoku.errors import KeizokuError
+from keizoku.engines.torch import TrainingError, checkpoint, float8, parallel, profiling, weights
 from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported
-from keizoku.engines.torch.model import decoder_layers, flops_per_token, load_model, peak_flops
+from keizoku.engines.torch.model import (ModelLoadError, decoder_layers, flops_per_token, load_model, model_skeleton,
+                                         peak_flops)
 from keizoku.engines.torch.optim import adamw
 from keizoku.engines.torch.parallel import Dist
 from keizoku.metrics import MetricsLogger, eval_values
@@ -51,16 +54,25 @@ def train(cfg: KeizokuConfig) -> int:
                 print("\n".join(f"error: {e}" for e in errors), flush=True)
             return ExitCode.CONFIG
         run = RunDir(cfg.run_dir)
+        problem = [None]
         if d.rank == 0:
             run.path.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, run.path)
-            remove_staged(run.checkpoints)  # what killed saves left; no save is in flight before the barrier
-        dist.barrier()
+            remove_staged(run.checkpoints)  # what killed saves left; no save is in flight before the broadcast
+            try:
+                base_model.snapshot(cfg)  # the run's own copy of the base model's config and tokenizer
+            except KeizokuError as e:
+                problem = [str(e)]
+        dist.broadcast_object_list(problem, src=0)  # also the barrier: the run directory is ready
+        if problem[0]:
+            raise ModelLoadError(problem[0])
         stop = StopRequest()
         metrics = _metrics_logger(cfg, run) if d.rank == 0 else None
+        checkpointer = checkpoint.Checkpointer(run.path, cfg.checkpoint.keep_last, cfg.checkpoint.background)
         try:
-            return Trainer(cfg, d, run, metrics, stop).train()
+            return Trainer(cfg, d, run, metrics, stop).train(checkpointer)
         finally:
+            checkpointer.close()  # a save in flight is published (or fails) before the process group goes
             if metrics is not None:
                 metrics.close()
     finally:
@@ -112,13 +124,14 @@ class Trainer:
         self.fp8_all_gather = self.cuda and d.world > 1  # FSDP2 gathers FP8 weights (half the traffic); gloo has none
         self.eval_samples = cfg.eval.batches * t.micro_batch_size * d.world
 
+        self.resumed_from = self._checkpoint_to_resume()
         self.model, self.lm_loss = self._build_model()
         self.optimizer = adamw(self.model, cfg.optim, d.device.type)
         schedule = LRSchedule.of(cfg.optim, cfg.schedule, self.length.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule.factor_at)
         self.train_data, self.valid = self._build_datasets()
         self.state = TrainState()
-        self.resumed_from = self._restore()
+        self._restore()
         self.warned_memory_retries = False
 
     # --- build --------------------------------------------------------------------------------------------------
@@ -127,14 +140,37 @@ class Trainer:
         """The model (fp32 master weights) and, around it, the module whose forward returns the summed token loss:
         the optimizer and checkpoints see the first, the steps run the second."""
         cfg, d = self.cfg, self.d
-        model = load_model(cfg.model, torch.float32, seed=cfg.train.seed, device=d.device).to(d.device)
+        # the pretrained weights are read only for a run's first start: a resumed run's checkpoint holds them
+        source = cfg.model.hf_path if self.resumed_from is None and cfg.model.init == "pretrained" else None
+        config_dir = base_model.model_dir(cfg)
+        model = model_skeleton(cfg.model, config_dir)
+        whole = weights.unsupported(model, source, cfg.model.trust_remote_code)
+        if whole:
+            self._say(f"model.hf_path: every rank loads the whole model (not only its shard): {whole}")
+            # a resumed run's checkpoint overwrites every weight: the architecture alone, from the run's copy
+            model_cfg = cfg.model if source is not None else replace(cfg.model, hf_path=config_dir, init="random")
+            model = load_model(model_cfg, torch.float32, seed=cfg.train.seed, device=d.device).to(d.device)
         self.flops_per_token, self.peak_flops = flops_per_token(model, cfg.data.seq_length), peak_flops(d.device)
         compile = self.cuda if cfg.model.compile is None else cfg.model.compile
         lm_loss = CausalLMWithLoss(model, self._loss_chunk(model), compile)
         if cfg.model.fp8 != "none":
             self._convert_to_fp8(model)
         parallel.shard(lm_loss, cfg, d, self.bf16, compile, self.reshard)
+        if not whole:
+            self._fill_shards(model, lm_loss, source)
         return model, lm_loss
+
+    def _fill_shards(self, model: torch.nn.Module, lm_loss: CausalLMWithLoss, source: str | None) -> None:
+        """Allocate this rank's shards and fill them (``weights``): from ``source``'s safetensors, at random, or
+        not at all for a resumed run, whose checkpoint fills them in ``_restore``."""
+        weights.materialize(lm_loss, self.d.device)
+        if source is not None:
+            report = weights.load_pretrained(model, source)
+            self._say(f"loaded {source}: this rank read {report.bytes_read / 2**30:.2f} of "
+                      f"{report.bytes_total / 2**30:.2f} GiB (its shards) in {report.seconds:.1f} s")
+        elif self.resumed_from is None:
+            weights.init_random(model, self.cfg.train.seed, self.d.device)
+        weights.init_buffers(model, parameters_filled=self.resumed_from is None)
 
     def _loss_chunk(self, model: torch.nn.Module) -> int:
         """train.loss_chunk_tokens, resolved: on a CPU the chunked loss measured ~30% slower than F.cross_entropy on
@@ -165,23 +201,25 @@ class Trainer:
                            eval_samples=self.eval_samples, tokenizer=blend.run_tokenizer(cfg),
                            cache_dir=blend.sample_cache_dir(cfg))
 
-    def _restore(self) -> Path | None:
-        """Model, optimizer, scheduler and TrainState from the checkpoint ``checkpoint.resume`` names, if any."""
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` names: the run's newest complete one (auto), none, or a path."""
         resume = self.cfg.checkpoint.resume
         if resume == "none":
             return None
         if resume == "auto":
             newest = latest_checkpoint(self.run.path, engine="torch")
-            path = newest.path if newest is not None else None
-        else:
-            path = Path(resume)
-        if path is None:
-            return None
-        saved = checkpoint.restore(path, self.model, self.optimizer)
+            return newest.path if newest is not None else None
+        return Path(resume)
+
+    def _restore(self) -> None:
+        """Model, optimizer, scheduler and TrainState from the checkpoint to resume from, if any."""
+        if self.resumed_from is None:
+            return
+        saved = checkpoint.restore(self.resumed_from, self.model, self.optimizer)
         self.state = TrainState(saved["step"], saved["consumed_samples"], saved["consumed_tokens"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self._say(f"resumed from {path} at step {self.state.step} ({self.state.consumed_samples:,} samples)")
-        return path
+        self._say(f"resumed from {self.resumed_from} at step {self.state.step} "
+                  f"({self.state.consumed_samples:,} samples)")
 
     def _loader(self, dataset, consumed: int, total: int, workers: int, pin: bool):
         sampler = blend.SampleSampler(total, consumed, self.cfg.train.micro_batch_size, self.d.rank, self.d.world)
@@ -258,15 +296,16 @@ class Trainer:
 
     # --- checkpoint ---------------------------------------------------------------------------------------------
 
-    def save(self) -> Path:
+    def save(self) -> None:
+        """Start saving this step (``checkpoint.Checkpointer``): returns once the state is copied; it is written and
+        published while training goes on."""
         state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(), "steps": self.length.steps}
-        return checkpoint.save(self.run.path, self.state.step, self.model, self.optimizer, state,
-                               self.cfg.checkpoint.keep_last)
+        self.checkpointer.save(self.state.step, self.model, self.optimizer, state)
 
     # --- the loop -----------------------------------------------------------------------------------------------
 
-    def train(self) -> int:
-        cfg, steps = self.cfg, self.length.steps
+    def train(self, checkpointer: checkpoint.Checkpointer) -> int:
+        cfg, steps, self.checkpointer = self.cfg, self.length.steps, checkpointer
         if self.state.step >= steps:
             self._say(f"training is complete ({self.state.step} of {steps} steps)")
             return ExitCode.OK
@@ -292,10 +331,12 @@ class Trainer:
                     cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 self.save()
             if result.stop_requested:
+                self.checkpointer.wait()
                 self._say(f"signal {self.stop.signal}: saved step {step}; resubmit to continue")
                 return ExitCode.STOPPED
         if self.valid:
-            self._log("eval", self.evaluate())
+            self._log("eval", self.evaluate())  # while the last checkpoint is written
+        self.checkpointer.wait()
         return ExitCode.OK
 
     def _train_values(self, result: StepResult, elapsed: float) -> dict:
