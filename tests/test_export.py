@@ -242,3 +242,36 @@ def test_snapshot_errors_name_the_setting(tmp_path, monkeypatch):
         base_model.snapshot(run_config(tmp_path, model_dir))  # no tokenizer there, none named
     assert not rundir.RunDir(tmp_path / "run").base_model.exists()
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "run").iterdir())
+
+
+def test_export_replaces_nothing_of_the_users(tmp_path):
+    """`keizoku export --out` (issue 21.1): a directory holding other files, the current directory and the run's
+    checkpoints are refused with one line and left as they were; an earlier export is replaced only with
+    --overwrite; an empty directory is used."""
+    run = checkpointed_run(tmp_path, tiny_model("llama"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    cases = [(["--out", mine], "exists and holds files that are not a keizoku export", None),
+             (["--out", "."], "is the current directory", tmp_path),
+             (["--out", run / "checkpoints/step_00000005/hf"], "is inside the run's checkpoints", None),
+             (["--out", run], "is or holds the run directory", None)]
+    for args, message, cwd in cases:
+        proc = keizoku("export", run, *args, "--no-verify-logits", check=False, cwd=cwd)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes\n"
+    assert not (run / "checkpoints/step_00000005/hf").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    keizoku("export", run, "--out", empty, "--no-verify-logits")
+    proc = keizoku("export", run, "--out", empty, "--no-verify-logits", check=False)
+    assert proc.returncode == 1 and "holds an earlier keizoku export; add --overwrite" in proc.stderr
+    before = (empty / rundir.EXPORT_RECORD).stat().st_mtime_ns
+    keizoku("export", run, "--out", empty, "--no-verify-logits", "--overwrite")
+    assert (empty / rundir.EXPORT_RECORD).stat().st_mtime_ns != before
+    import os
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in [empty, *empty.iterdir()]:  # the user's umask, as for any file (issue 21.18: they were 0600)
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path

@@ -307,7 +307,7 @@ class _Quickstart:
     def _export(self, run_dir: Path, out: Path) -> dict:
         from keizoku.engines import export
 
-        info = export(run_dir, out, verify=True,
+        info = export(run_dir, out, verify=True, overwrite=True,  # the quickstart's own folder: its earlier export
                       log=lambda m: self.console.print(m, highlight=False, markup=False, soft_wrap=True))
         return {"path": str(out), "step": info["step"], "max_logit_diff": info["max_logit_diff"],
                 "parameters": _parameters(out)}

@@ -25,8 +25,10 @@ Layout of ``RUN_DIR`` (``run_dir:`` in the config; ``RunDir`` below names each p
     logs/                       the scheduler's output of each job
     loss.png                    keizoku quickstart: the losses, plotted
 
-An export (``keizoku export RUN_DIR --out DIR``) is written where ``--out`` says, never inside ``checkpoints/``;
-``DIR/keizoku_export.json`` (``EXPORT_RECORD``) names the run, checkpoint and step it came from.
+An export (``keizoku export RUN_DIR --out DIR``) is written where ``--out`` says, never inside ``checkpoints/``,
+into a new or empty DIR, replacing only an earlier export and only with ``--overwrite``
+(``engines.check_export_target``); ``DIR/keizoku_export.json`` (``EXPORT_RECORD``) names the run, checkpoint and
+step it came from.
 
 **Publishing.** Every file or directory a keizoku process writes for others to read is written under a hidden
 staging name in its destination directory (``staging_path``) and renamed into place (``publish``): a rename

@@ -87,6 +87,8 @@ def export(
         "--verify-logits/--no-verify-logits", show_default=False,
         help="Also load the export with transformers and check it reproduces the checkpoint's logits (holds the "
              "model in fp32 in memory). Default: on for models of at most 1.5B parameters.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier keizoku export at --out (nothing "
+                                                                "else is ever replaced).")] = False,
 ) -> None:
     """Write a checkpoint as a Hugging Face model (safetensors, config, tokenizer), verified.
 
@@ -99,7 +101,7 @@ def export(
 
     try:
         export_with_engine(run_dir, out, step=step, verify=verify, log=log, dtype=dtype.value,
-                           verify_logits=verify_logits)
+                           verify_logits=verify_logits, overwrite=overwrite)
     except (KeizokuError, OSError) as e:
         error(str(e))
         raise typer.Exit(ExitCode.FAILED) from None

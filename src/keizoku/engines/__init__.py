@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from keizoku.config import KeizokuConfig, load_config
 from keizoku.errors import KeizokuError
-from keizoku.rundir import Checkpoint, RunDir, find_checkpoint
+from keizoku.rundir import EXPORT_RECORD, Checkpoint, RunDir, find_checkpoint
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,38 @@ def train(cfg: KeizokuConfig) -> int:
 
 
 def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, verify: bool = True, log=print,
-           dtype: str = "auto", verify_logits: bool | None = None) -> dict:
-    """Export a run's checkpoint with the engine that trained it (its ``config.yaml`` says which)."""
+           dtype: str = "auto", verify_logits: bool | None = None, overwrite: bool = False) -> dict:
+    """Export a run's checkpoint with the engine that trained it (its ``config.yaml`` says which) to ``out``: a new
+    or empty directory, or with ``overwrite`` an earlier keizoku export (``check_export_target``)."""
+    check_export_target(Path(run_dir), Path(out), overwrite)
     cfg = load_config(RunDir(run_dir).config)
     return entry_point(cfg.engine, "export")(Path(run_dir), Path(out), step=step, verify=verify, log=log,
                                              dtype=dtype, verify_logits=verify_logits)
+
+
+def check_export_target(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """An export replaces nothing of the user's: ``out`` must be new or empty, or an earlier keizoku export (it holds
+    ``EXPORT_RECORD``) given ``overwrite``; never the current directory, the run directory or a folder holding it, nor
+    anything inside the run's checkpoints."""
+    out, run = out.absolute(), run_dir.absolute()
+    if out == Path.cwd().absolute():
+        raise ExportError(f"--out {out}: is the current directory; name a new directory for the model")
+    if out == run or out in run.parents:
+        raise ExportError(f"--out {out}: is or holds the run directory; name a new directory for the model")
+    if RunDir(run).checkpoints.absolute() in (out, *out.parents):
+        raise ExportError(f"--out {out}: is inside the run's checkpoints, which keizoku manages (and prunes); name a "
+                          "directory outside them")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out}: is a file; name a new directory for the model")
+    if not any(out.iterdir()):
+        return
+    if not (out / EXPORT_RECORD).is_file():
+        raise ExportError(f"--out {out}: exists and holds files that are not a keizoku export; keizoku does not "
+                          "replace them: name a new directory")
+    if not overwrite:
+        raise ExportError(f"--out {out}: holds an earlier keizoku export; add --overwrite to replace it")
 
 
 def import_hf(engine: str, hf_path: str, **options) -> Path:

@@ -107,6 +107,7 @@ class StepResult:
     grad_norm: float
     stop_requested: bool  # by any rank
     data_s: float  # waiting for batches
+    lr: float  # the learning rate this step's update used
 
 
 class Trainer:
@@ -245,6 +246,7 @@ class Trainer:
             (losses / (self.accumulation * tokens.numel())).backward()  # FSDP averages over ranks: the global mean
             loss_sum += losses.detach()
         loss, grad_norm, stop = self._reduce(loss_sum)
+        lr = self.scheduler.get_last_lr()[0]  # the schedule moves on below: this is the step's own
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             if self.cfg.model.fp8 != "none":
@@ -256,7 +258,7 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_samples += self.cfg.train.global_batch_size
         self.state.consumed_tokens += self.tokens_per_step
-        return StepResult(loss, grad_norm, stop, data_s)
+        return StepResult(loss, grad_norm, stop, data_s, lr)
 
     def _reduce(self, loss_sum: torch.Tensor) -> tuple[float, float, bool]:
         """(mean token loss over all ranks, gradient norm before clipping, whether any rank was asked to stop), in
@@ -341,7 +343,7 @@ class Trainer:
 
     def _train_values(self, result: StepResult, elapsed: float) -> dict:
         per_s = self.tokens_per_step / elapsed
-        values = {"loss": result.loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+        values = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                   "tokens_per_s": per_s, "tokens_per_s_per_device": per_s / self.d.world, "step_s": elapsed,
                   "data_share": result.data_s / elapsed, "tokens": self.state.consumed_tokens}
         if self.cuda:
