@@ -155,7 +155,7 @@ def setup(tmp_path_factory):
     return tiny_llama_and_data(tmp_path_factory.mktemp("export"))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["qwen2"])  # llama: the trained-run exports of test_train.py
 def test_a_trained_run_exports_after_its_base_model_is_gone(kind, setup, tmp_path):
     """The trainer copies the base model's config and tokenizer into the run; with model.hf_path moved away, the
     export is verified (tensors, logits), is what save_pretrained writes of the checkpoint's weights (qwen2: tied

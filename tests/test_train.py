@@ -148,6 +148,9 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
     assert whole.keys() == resumed.keys()
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)
+    # the steps the killed run logged after step 10 were replayed: metrics.jsonl keeps one record each (issue 21.5)
+    assert [(r["step"], r["loss"]) for r in metrics(run, "train")] == \
+        [(r["step"], r["loss"]) for r in metrics(tmp_path / "whole", "train")]
     assert "training is complete" in keizoku("train", cfg).stdout  # a spare chained job exits at once
 
 
@@ -225,6 +228,13 @@ def test_config_errors_exit_2(setup, tmp_path):
     assert proc.returncode == 2 and "train.global_batch_size: 7 is not divisible" in proc.stderr
     proc = keizoku("train", config(setup, tmp_path / "run"), "engine=megatron", "train.on_nan=skip", check=False)
     assert proc.returncode == 2 and "train.on_nan: skip is not available with engine: megatron" in proc.stderr
+    # longer sequences than the model's positions (issue 21.3): refused before any weight is read, both keys named
+    limit = json.loads((setup / "model/config.json").read_text())["max_position_embeddings"]
+    proc = keizoku("train", config(setup, tmp_path / "long"), f"data.seq_length={limit + 1}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"data.seq_length: {limit + 1} is above the model's max_position_embeddings ({limit}" in proc.stderr
+    proc = keizoku("config", "check", config(setup, tmp_path / "long"), f"data.seq_length={limit + 1}", check=False)
+    assert proc.returncode == 1 and "max_position_embeddings" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_flops_convention():

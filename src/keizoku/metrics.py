@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from keizoku.rundir import RunDir
+from keizoku.rundir import RunDir, write_atomic
 
 
 def eval_values(losses: dict[str, float]) -> dict[str, float]:
@@ -57,6 +57,27 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
+
+    def resume_at(self, step: int) -> int:
+        """A run resumed from its checkpoint of ``step`` replays the steps after it: drop their records (and a line a
+        kill cut short) from metrics.jsonl, rewritten atomically, so that it holds one record per step and kind.
+        Returns how many were dropped."""
+        path = Path(self.file.name)
+        self.file.close()
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                record_step = None
+            if isinstance(record_step, int) and record_step <= step:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            write_atomic(path, "".join(f"{line}\n" for line in kept))
+        self.file = open(path, "a")
+        return dropped
 
     def close(self) -> None:
         self.file.close()

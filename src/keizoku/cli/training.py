@@ -167,7 +167,15 @@ def config_check(
     path: Annotated[Path, typer.Argument(help="A keizoku YAML config.", show_default=False)],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
 ) -> None:
-    """Validate CONFIG with overrides, and print the resolved configuration."""
+    """Validate CONFIG with overrides (and against the base model's config.json where it is local), and print the
+    resolved configuration."""
+    from keizoku.base_model import mismatches
     from keizoku.config import to_yaml
 
-    print(to_yaml(load_config_or_exit(path, overrides, exit_code=ExitCode.FAILED)), end="")
+    cfg = load_config_or_exit(path, overrides, exit_code=ExitCode.FAILED)
+    problems = mismatches(cfg)
+    for problem in problems:
+        error(problem)
+    if problems:
+        raise typer.Exit(ExitCode.FAILED)
+    print(to_yaml(cfg), end="")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,8 +35,7 @@ from keizoku.data import blend
 from keizoku.errors import KeizokuError
 from keizoku.engines.torch import TrainingError, checkpoint, float8, parallel, profiling, weights
 from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported
-from keizoku.engines.torch.model import (ModelLoadError, decoder_layers, flops_per_token, load_model, model_skeleton,
-                                         peak_flops)
+from keizoku.engines.torch.model import decoder_layers, flops_per_token, load_model, model_skeleton, peak_flops
 from keizoku.engines.torch.optim import adamw
 from keizoku.engines.torch.parallel import Dist
 from keizoku.metrics import MetricsLogger, eval_values
@@ -61,11 +61,16 @@ def train(cfg: KeizokuConfig) -> int:
             remove_staged(run.checkpoints)  # what killed saves left; no save is in flight before the broadcast
             try:
                 base_model.snapshot(cfg)  # the run's own copy of the base model's config and tokenizer
+                mismatches = base_model.mismatches(cfg)
+                problem = [(ExitCode.CONFIG, mismatches)] if mismatches else [None]
             except KeizokuError as e:
-                problem = [str(e)]
+                problem = [(ExitCode.FAILED, [str(e)])]
         dist.broadcast_object_list(problem, src=0)  # also the barrier: the run directory is ready
         if problem[0]:
-            raise ModelLoadError(problem[0])
+            code, messages = problem[0]
+            if d.rank == 0:
+                print("\n".join(f"error: {m}" for m in messages), file=sys.stderr, flush=True)
+            return code
         stop = StopRequest()
         metrics = _metrics_logger(cfg, run) if d.rank == 0 else None
         checkpointer = checkpoint.Checkpointer(run.path, cfg.checkpoint.keep_last, cfg.checkpoint.background)
@@ -219,6 +224,8 @@ class Trainer:
         saved = checkpoint.restore(self.resumed_from, self.model, self.optimizer)
         self.state = TrainState(saved["step"], saved["consumed_samples"], saved["consumed_tokens"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        if self.metrics is not None:
+            self.metrics.resume_at(self.state.step)  # the steps after it are replayed: one record each
         self._say(f"resumed from {self.resumed_from} at step {self.state.step} "
                   f"({self.state.consumed_samples:,} samples)")
 
