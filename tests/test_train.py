@@ -70,23 +70,22 @@ def test_loss_falls_from_the_pretrained_model(setup, tmp_path):
     assert evals[-1]["ja_loss"] < evals[0]["ja_loss"] - 0.5 and evals[-1]["en_loss"] < evals[0]["en_loss"]
     train = metrics(run, "train")
     assert len(train) == STEPS and train[-1]["tokens"] == STEPS * 8 * 64
-    # each step logs the learning rate its update used: step N (from 1) the schedule's at index N - 1
-    from keizoku.config import load_config as load
-    from keizoku.schedule import LRSchedule, run_length
-    used = load(run / "config.yaml")
-    schedule = LRSchedule.of(used.optim, used.schedule, run_length(used).steps)
-    assert [r["lr"] for r in train] == pytest.approx([schedule.lr_at(r["step"] - 1) for r in train], rel=1e-9)
     assert (run / "config.yaml").exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_00000010", "step_00000020"]
+    from keizoku.config import load_config
+
+    cfg = load_config(run / "config.yaml")
+    # each step logs the learning rate its update used: step N (from 1) the schedule's at index N - 1
+    from keizoku.schedule import LRSchedule, run_length
+    schedule = LRSchedule.of(cfg.optim, cfg.schedule, run_length(cfg).steps)
+    assert [r["lr"] for r in train] == pytest.approx([schedule.lr_at(r["step"] - 1) for r in train], rel=1e-9)
 
     # the first step's loss is the pretrained model's loss on the first global batch: weights were loaded
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from keizoku.config import load_config
     from keizoku.data import blend
 
-    cfg = load_config(run / "config.yaml")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         ds, _ = blend.build(cfg.data, seq_length=64, train_samples=STEPS * 8, eval_samples=4,

@@ -92,8 +92,9 @@ def export(
 ) -> None:
     """Write a checkpoint as a Hugging Face model (safetensors, config, tokenizer), verified.
 
-    Engine torch streams it: the checkpoint is read a few layers at a time, never the whole model, and needs no
-    model.hf_path (the run keeps a copy of the base model's config and tokenizer in RUN_DIR/base-model). Runs of
+    Engine torch streams it a slice at a time (never a whole tensor in memory), reads every slice back to check
+    it, and needs no model.hf_path (the run keeps a copy of the base model's config and tokenizer in
+    RUN_DIR/base-model). --out must be new or empty, or an earlier export with --overwrite. Runs of
     engine: megatron are exported through Megatron-Bridge (AutoBridge) from what keizoku recorded in the run
     directory; they need Megatron-Bridge installed (the NeMo container).
     """

@@ -57,7 +57,6 @@ class Slice:
             return torch.frombuffer(buffer, dtype=self.dtype)
         offset, length, first = self.item
         with open(self.file, "rb") as f:
-            f.seek(offset)
             whole = torch.load(_FileRange(f, offset, length), map_location="cpu", weights_only=True)
         return whole.reshape(-1)[first:first + self.numel].clone()
 
