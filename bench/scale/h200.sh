@@ -4,6 +4,7 @@
 # .bench-base). Each step is one argument, run in order, under its own time limit; results land in $OUT.
 #   bash bench/scale/h200.sh load8b export3b        # one device call
 #   bash bench/scale/h200.sh export8b stall3b export3b   # another
+#   bash bench/scale/h200.sh stall3b-long             # the steady-state stall: one write ends between saves
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -24,6 +25,10 @@ for step in "$@"; do
                 --interval 4 --saves 2 --warmup 1 --variants async --data .gpu/data --out $OUT model.compile=false ;;
     stall1b-async) timeout 100 python3 bench/scale/checkpoint_stall.py --shape 1b --seq 4096 --global-batch 4 \
                 --interval 25 --saves 2 --warmup 2 --variants async --data .gpu/data --out $OUT model.compile=false ;;
+    stall3b-long) timeout 560 python3 bench/scale/checkpoint_stall.py --shape 3b --seq 4096 --global-batch 4 \
+                --interval 25 --saves 3 --warmup 2 --variants async sync --data .gpu/data --out $OUT model.compile=false ;;
+    write20)  timeout 300 python3 bench/scale/write_speed.py --gib 20 --work /tmp/ws --writers 1 8 --out $OUT
+              rm -rf /tmp/ws ;;
     stall3b)  timeout 290 python3 bench/scale/checkpoint_stall.py --shape 3b --seq 4096 --global-batch 4 \
                 --interval 4 --saves 2 --warmup 1 --variants base async --baseline-src $BASE --data .gpu/data \
                 --out $OUT model.compile=false ;;

@@ -55,6 +55,9 @@ from keizoku.engines.torch import TrainingError
 TRAINER_STATE = "trainer_state.json"
 WAIT_WARNING_S = 1.0  # a save that waits longer for the one before it says so
 TEST_HOOK_ENV = "KEIZOKU_TEST_CHECKPOINT_HOOK"  # tests only: see _test_hook
+# DCP writer threads per rank (files per rank): one thread writes ~0.9 GB/s from host memory on the H200 machine's
+# disk, eight 1.9 GB/s (bench/scale/write_speed.py); the node's cores are shared by its ranks
+MAX_WRITE_THREADS = 8
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Checkpointer:
         self._stager = None  # made at the first save, in the training thread, on its device
         self._staging: Future | None = None  # a copy still running on a GPU side stream
         self._hook = None  # the optimizer's step pre-hook that waits for that copy
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.write_threads = max(1, min(MAX_WRITE_THREADS, (os.cpu_count() or 1) // ranks_here))
 
     # --- the training thread ----------------------------------------------------------------------------------
 
@@ -106,7 +111,7 @@ class Checkpointer:
         if self.asynchronous:
             written = self._write_in_background(state, staged, step, optimizer)
         else:  # here: DCP on a GPU's state from another thread would open a CUDA context on GPU 0
-            written = _run_now(dcp.save, state, checkpoint_id=str(staged), process_group=self.group,
+            written = _run_now(dcp.save, state, storage_writer=self._writer(staged), process_group=self.group,
                                planner=_planner(step))
         self._in_flight = _InFlight(step, self._publisher.submit(self._publish, step, written, staged, final))
         if not self.asynchronous:
@@ -173,12 +178,15 @@ class Checkpointer:
             torch.cuda.current_stream().synchronize()  # the side stream's copy must see this step's update
             if self._hook is None:
                 self._hook = optimizer.register_step_pre_hook(lambda *_: self._await_staging())
-        response = dcp.async_save(state, checkpoint_id=str(staged), process_group=self.group,
+        response = dcp.async_save(state, storage_writer=self._writer(staged), process_group=self.group,
                                   async_stager=self._stager, planner=_planner(step))
         if isinstance(response, Future):  # staged before async_save returned
             return response
         self._staging = response.staging_completion  # the optimizer's next step waits for it
         return response.upload_completion
+
+    def _writer(self, staged: Path):
+        return dcp.FileSystemWriter(str(staged), thread_count=self.write_threads)
 
     def _await_staging(self) -> None:
         """Before the optimizer changes the weights: the copy of the last save's state must be complete."""
