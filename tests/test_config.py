@@ -43,7 +43,8 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["train.global_batch=4"], "train.global_batch: Key 'global_batch' not in 'TrainConfig'"),
+    (["train.global_batch=4"], "override train.global_batch=4: train.global_batch: not a setting; did you mean "
+                               "train.global_batch_size?"),
     (["data.seq_length=long"], "data.seq_length: Value 'long'"),
     (["schedule.kind=linear"], "schedule.kind: Invalid value 'linear'"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"],
@@ -100,7 +101,13 @@ def test_cli(tmp_path):
     proc = keizoku("config", "check", bad, check=False)
     assert proc.returncode == 1
     assert "model.hf_path: required" in proc.stderr and "train.global_batch_size: 3 is not divisible" in proc.stderr
-    out = keizoku("config", "check", bad, "model.hf_path=m", "data.mock=true", "train.global_batch_size=4").stdout
+    # a model that is neither a local directory nor a cached hub id: named before anything would load it (21.9)
+    proc = keizoku("config", "check", bad, "model.hf_path=m", "data.mock=true", "train.global_batch_size=4", check=False)
+    assert proc.returncode == 1 and "model.hf_path: 'm' is neither a local directory nor a hub model" in proc.stderr
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/config.json").write_text('{"model_type": "llama", "max_position_embeddings": 8192}')
+    out = keizoku("config", "check", bad, f"model.hf_path={tmp_path / 'm'}", "model.init=random", "data.mock=true",
+                  "train.global_batch_size=4").stdout
     assert "global_batch_size: 4" in out
     assert keizoku("config", "defaults").stdout == defaults_yaml()
     assert Path(ROOT / "examples/llama31_8b_cpt.yaml").exists()

@@ -198,7 +198,7 @@ def test_shipped_profiles_load_and_explain_what_is_missing():
         profile.load_profile("nope")
     with pytest.raises(profile.ProfileError, match=r"warning_signal_s: 300 s is not less than the walltime"):
         profile.load_profile("slurm", ["walltime=00:05:00"])
-    with pytest.raises(profile.ProfileError, match=r"walltime: 'soon' is not HH:MM:SS"):
+    with pytest.raises(profile.ProfileError, match=r"walltime \(--walltime; slurm's --time\): 'soon' is not HH:MM:SS"):
         profile.load_profile("slurm", ["walltime=soon"])
 
 
@@ -272,6 +272,14 @@ def test_submit_commands_chain_and_job_ids():
     assert slurm.parse_job_id("9;cluster\n") == "9"
     with pytest.raises(ValueError, match="cannot read a job id"):
         slurm.parse_job_id("sbatch: error: invalid partition\n")
+    # which refusals mean the scheduler was not reached (tried again), as the real commands print them here
+    assert slurm.unreachable("sbatch: error: Batch job submission failed: Unable to contact slurm controller "
+                             "(connect failure)")
+    assert ge.unreachable("error: commlib error: got select error (Connection refused); Unable to run job: unable "
+                          "to send message to qmaster using port 6444 on host \"vm\": got send error")
+    assert not slurm.unreachable("sbatch: error: Batch job submission failed: Invalid partition name specified")
+    assert not slurm.unreachable("sbatch: error: Batch job submission failed: Socket timed out on send/recv "
+                                 "operation")  # it may have queued the job: no second one
 
 
 def test_queue_states_from_each_schedulers_output():
@@ -290,19 +298,61 @@ def test_queue_states_from_each_schedulers_output():
                  "412345.pbs*       keizoku-llama    user1             01:02:03 F rt_HF\n"
                  "412346.pbs*       keizoku-llama    user1                    0 H rt_HF\n")
     assert scheduler_named("pbs").parse_states(qstat_pbs, ["412345.pbs1", "412346.pbs1"]) == \
-        {"412345.pbs1": ("finished", ""), "412346.pbs1": ("held (waiting for the previous job)", "")}
-    assert scheduler_named("local").job_states(["local-1"]) == {}  # nothing to ask
+        {"412346.pbs1": ("held (waiting for the previous job)", "")}  # finished: job_ends tells how
+    with pytest.raises(schedulers.QueryError, match="local has no queue"):
+        scheduler_named("local").job_states(["local-1"])
+
+
+def test_job_ends_from_each_schedulers_accounting():
+    """How a job that left the queue ended: `scontrol -o show job` and `qacct -j` as printed by the real Slurm and
+    Grid Engine here (a batch shell killed with SIGKILL; a held job cancelled; a Grid Engine job whose batch shell
+    was killed, with a `qrsh -inherit` task record before its own), and PBS Pro's `qstat -x -f`."""
+    slurm, ge, pbs = (scheduler_named(n) for n in ("slurm", "gridengine", "pbs"))
+    killed = (DATA / "slurm-killed.scontrol").read_text()
+    job = killed.split("JobId=")[1].split()[0]
+    end = slurm.parse_scontrol(killed, job)
+    assert (end.state, end.exit_status, end.signal, end.host, end.how()) == ("failed", 137, 9, "node1",
+                                                                             "killed by SIGKILL")
+    assert end.words == "slurm: FAILED, ExitCode 0:9, JobLaunchFailure"
+    cancelled = (DATA / "slurm-cancelled.scontrol").read_text()
+    end = slurm.parse_scontrol(cancelled, cancelled.split("JobId=")[1].split()[0])
+    assert (end.state, end.words) == ("cancelled", "slurm: CANCELLED, ExitCode 0:0, Dependency")
+    assert slurm.parse_scontrol(killed.replace("JobState=FAILED", "JobState=RUNNING"), job) is None
+    assert slurm.parse_scontrol(killed, "1") is None
+    end = ge.parse_qacct((DATA / "gridengine.qacct").read_text())
+    assert (end.state, end.exit_status, end.signal, end.host) == ("failed", 137, 9, "vm")
+    assert end.words == "qacct: failed 100 : assumedly after job, exit_status 137 (Killed)"
+    timeout = ge.parse_qacct("=====\nhostname r1n1\nfailed 37  : qmaster enforced h_rt limit\nexit_status 137\n")
+    assert (timeout.state, timeout.signal) == ("timeout", 9)
+    deleted = ge.parse_qacct("=====\nhostname r1n1\nfailed 0\nexit_status 0\ndeleted_by user1@login1\n")
+    assert deleted.state == "cancelled" and ge.parse_qacct("") is None
+    qstat_xf = ("Job Id: 412345.pbs1\n    Job_Name = keizoku-llama\n    job_state = F\n"
+                "    exec_host = hnode017/0*8+hnode001/0*8\n    Exit_status = 271\n\n"
+                "Job Id: 412346.pbs1\n    job_state = F\n    Exit_status = 0\n\n"
+                "Job Id: 412347.pbs1\n    job_state = F\n\n"
+                "Job Id: 412348.pbs1\n    job_state = R\n    Exit_status = 0\n")
+    ends = pbs.parse_ends(qstat_xf, ["412345.pbs1", "412346.pbs1", "412347.pbs1", "412348.pbs1"])
+    assert sorted(ends) == ["412345.pbs1", "412346.pbs1"]  # deleted before it ran; still running
+    assert (ends["412345.pbs1"].how(), ends["412345.pbs1"].host) == ("killed by SIGTERM", "hnode017")
+    assert ends["412346.pbs1"].state == "completed"
 
 
 def test_walltime_format_is_each_schedulers():
-    """Slurm takes D-HH:MM:SS; Grid Engine's h_rt and PBS's walltime do not (qsub would refuse the job)."""
+    """Slurm takes D-HH:MM:SS as written; Grid Engine's h_rt and PBS's walltime get it as HH:MM:SS (qsub would
+    refuse the job); what no scheduler can take is refused, naming the key and what to write."""
     assert profile.load_profile("slurm", ["walltime=1-00:00:00"]).walltime == "1-00:00:00"
     assert scheduler_named("slurm").walltime_seconds("1-02:00:00") == 93600
-    for name, option in (("tsubame4", "-l h_rt"), ("abci3", "-l walltime")):
-        with pytest.raises(profile.ProfileError, match=rf"walltime: '1-00:00:00' is D-HH:MM:SS, which \w+'s "
-                                                       rf"{option} does not take; write 24:00:00"):
-            profile.load_profile(name, ["group=g1", "walltime=1-00:00:00"])
+    for name in ("tsubame4", "abci3"):
+        assert profile.load_profile(name, ["group=g1", "walltime=1-00:00:00"]).walltime == "24:00:00"
+        assert profile.load_profile(name, ["group=g1", "walltime=2-06:30:00"]).walltime == "54:30:00"
         assert profile.load_profile(name, ["group=g1", "walltime=36:00:00"]).walltime == "36:00:00"
+    for bad, why in (("1:90:00", r"a field out of range .*; write 02:30:00"),
+                     ("1-30:00:00", r"a field out of range .*; write 54:00:00"),
+                     ("00:00:00", r"no time at all"), ("1-00:00", r"not HH:MM:SS or D-HH:MM:SS"),
+                     ("90", r"not HH:MM:SS or D-HH:MM:SS \(in a YAML file, quote it")):
+        with pytest.raises(profile.ProfileError, match=rf"profile tsubame4: walltime \(--walltime; gridengine's -l "
+                                                       rf"h_rt\): '{bad}' (has |is ){why}"):
+            profile.load_profile("tsubame4", ["group=g1", f"walltime={bad}"])
     assert schedulers.format_walltime(2 * 86400 + 61) == "48:01:01"
 
 
@@ -333,17 +383,76 @@ def test_launch_refuses_a_starter_of_another_scheduler(tmp_path):
 
 
 def test_dry_run_prints_the_script_and_writes_nothing(tmp_path):
+    """--dry-run shows the job script, the plan the driver would read, what the driver would start in a job
+    (mpirun/srun/the node agents, with the variables torchrun would set) and the submit commands; it writes
+    nothing. A walltime in days is written as HH:MM:SS for PBS; one that no scheduler takes is refused (exit 2)."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"run_dir: {tmp_path}/run\nmodel: {{hf_path: m}}\ndata: {{mock: true}}\ntrain: {{max_steps: 5}}\n")
-    proc = cli("submit", cfg, "--profile", "abci3", "--set", "group=gaa1", "-N", "2", "--chain", "3", "--dry-run")
+    proc = cli("submit", cfg, "--profile", "abci3", "--set", "group=gaa1", "-N", "2", "--chain", "3",
+               "--walltime", "1-00:00:00", "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "#PBS -l select=2" in proc.stdout and "#PBS -P gaa1" in proc.stdout and "#PBS -q rt_HF" in proc.stdout
-    assert proc.stdout.count("#   qsub") == 3 and "depend=afterany:<job 2>" in proc.stdout
+    out = proc.stdout
+    assert "#PBS -l select=2" in out and "#PBS -P gaa1" in out and "#PBS -q rt_HF" in out
+    assert "#PBS -l walltime=24:00:00" in out and "#PBS -l walltime=1-" not in out
+    assert out.count("#   qsub") == 3 and "depend=afterany:<job 2>" in out
+    plan = json.loads("\n".join(line[4:] for line in out.split("which the launch driver reads:\n")[1]
+                                .split("\n# in each job")[0].splitlines()))
+    assert plan["walltime_s"] == 86400 and plan["starter"] == "mpirun" and plan["run_dir"] == f"{tmp_path}/run"
+    assert f"--hostfile {tmp_path}/run/launch/hostfile.JOB_ID" in out and " -np 2 -npernode 1 " in out
+    assert "-m keizoku.launch.agent --nnodes 2 --nproc-per-node 8 --master-addr NODE0 --master-port PORT" in out
+    assert f"#   RANK=0..15 WORLD_SIZE=16 MASTER_ADDR=NODE0 MASTER_PORT=PORT {sys.executable} -m keizoku train " \
+           f"{cfg}" in out
     assert not (tmp_path / "run").exists()
+    slurm = cli("submit", cfg, "--profile", "slurm", "-N", "2", "--set", "launcher=mpi", "--dry-run").stdout
+    assert "#   srun --nodes=2 --ntasks=16 --ntasks-per-node=8 --kill-on-bad-exit=1 " in slurm
     proc = cli("submit", cfg, "--profile", "tsubame4", "--dry-run")
     assert proc.returncode == 2 and "group: required by this profile" in proc.stderr
     proc = cli("submit", cfg, "train.max_steps=0", "--profile", "slurm", "--dry-run")
     assert proc.returncode == 2 and "train.max_steps: must be at least 1" in proc.stderr
+    proc = cli("submit", cfg, "--profile", "tsubame4", "--set", "group=g1", "--walltime", "1-30:00:00", "--dry-run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "error: profile tsubame4: walltime (--walltime; gridengine's -l h_rt): '1-30:00:00' has a field out " \
+           "of range (minutes and seconds 0-59, hours 0-23 after a day); write 54:00:00" in proc.stderr
+
+
+def test_status_tells_a_lost_driver_by_its_pid_and_its_heartbeat(tiny, tmp_path):
+    """No scheduler to ask: a launch whose driver is killed with -9 is lost at once, seen from its host (its
+    pid is gone), and leaves no process behind; seen from elsewhere, once its heartbeat is older than
+    STALE_AFTER_S. A failed rank is named in the status."""
+    run = tmp_path / "run"
+    cfg = write_config(tiny, run, max_steps=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "keizoku", "launch", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "KEIZOKU_LOCAL_JOB_ID": "gone1",
+                                                            "KEIZOKU_HOSTS": "localhost,localhost"})
+    try:
+        record = wait_until(lambda: job_records(run).get("gone1", {}).get("driver_pid"), 60, "the driver's record")
+        assert record == proc.pid
+        wait_until(lambda: len(_worker_pids(cfg)) == 2, 60, "two training processes")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        wait_until(lambda: not _worker_pids(cfg), 10, "the training processes to die with the driver")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    status = cli("status", run)
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+    line = next(line for line in status.stdout.splitlines() if line.startswith("job gone1 "))
+    assert line == (f"job gone1 lost: the launch driver (pid {proc.pid} on {socket.gethostname()}) is gone: it "
+                    f"recorded no end (last heartbeat {line.split('last heartbeat ')[1].split(' ago')[0]} ago); see the "
+                    f"output of keizoku submit or keizoku launch; submit again: the run starts from the beginning "
+                    f"(no checkpoint yet)")
+    # as its record reads from another host: running while its heartbeat is fresh, lost once it is stale
+    rec_path = run / "jobs" / "gone1.json"
+    rec = json.loads(rec_path.read_text())
+    rec.update(driver_host="node9", heartbeat=time.time() - 60)
+    rec_path.write_text(json.dumps(rec))
+    job = json.loads(cli("status", run, "--json").stdout)["jobs"][0]
+    assert (job["state"], job["detail"], job["advice"]) == ("running", "", "")
+    rec["heartbeat"] = time.time() - 600
+    rec_path.write_text(json.dumps(rec))
+    job = json.loads(cli("status", run, "--json").stdout)["jobs"][0]
+    assert (job["state"], job["detail"]) == ("lost", "no heartbeat from the launch driver on node9 for 10 min (more "
+                                                     "than 2 min): killed, hung, or its node is down")
 
 
 # --- real launches over loopback ----------------------------------------------------------------------------------
@@ -406,6 +515,14 @@ def test_a_killed_rank_ends_the_launch_quickly(tiny, tmp_path):
     assert "rank 1" in out and "killed by SIGKILL" in out
     assert elapsed < 60, f"took {elapsed:.0f} s"
     assert not _worker_pids(cfg), "a training process outlived the launch"
+    host = socket.gethostname()
+    rec = next(iter(job_records(run).values()))
+    assert (rec["state"], rec["exit_status"], rec["detail"]) == ("failed", 137, f"rank 1 on {host} killed by SIGKILL")
+    assert (rec["failure"]["rank"], rec["failure"]["signal"], rec["failure"]["node_rank"]) == (1, "SIGKILL", 0)
+    line = next(line for line in cli("status", run).stdout.splitlines() if line.startswith("job "))
+    assert line.endswith(f" failed: rank 1 on {host} killed by SIGKILL; see the output of keizoku submit or keizoku "
+                         f"launch; fix the cause and submit again: the run starts from the beginning (no checkpoint "
+                         f"yet)")
 
 
 def test_walltime_signal_saves_then_a_local_chain_resumes(tiny, tmp_path):

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,8 @@ def test_notify_at_h_rt_checkpoints_and_the_chain_resumes(tiny, tmp_path):
         "stop_margin_s": 0, "failure_grace_s": 10}))
     run = tmp_path / "run"
     cfg = write_config(tiny, run, max_steps=100000)
-    proc = cli("submit", cfg, "--profile", prof, "--chain", "3", cwd=tmp_path)
+    # the test shortens the run between links (below): a change to a run that has trained, made explicit
+    proc = cli("submit", cfg, "--profile", prof, "--chain", "3", "--allow-changes", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ids = proc.stdout.split()
     assert len(ids) == 3
@@ -111,3 +113,110 @@ def test_notify_at_h_rt_checkpoints_and_the_chain_resumes(tiny, tmp_path):
     status = json.loads(cli("status", run, "--json").stdout)
     assert [j["state"] for j in status["jobs"]] == ["stopped after saving", "completed", "completed"]
     assert Path(status["checkpoint"]).name == f"step_{total:08d}"
+
+
+def _ge_profile(tmp_path: Path, **extra) -> Path:
+    host = sge_host()
+    prof = tmp_path / "ge-ci.yaml"
+    prof.write_text(yaml.safe_dump({
+        "scheduler": "gridengine", "walltime": "0-00:05:00", "directives": ["-pe smp 2"], "procs_per_node": 1,
+        "launcher": "node", "starter": "qrsh", "env": {"KEIZOKU_HOSTS": f"{host},{host}"}, "stop_margin_s": 0,
+        "failure_grace_s": 5, **extra}))
+    return prof
+
+
+def _status_lines(run: Path) -> dict[str, str]:
+    proc = cli("status", run)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("job ")}
+
+
+def test_status_names_a_lost_driver_and_a_deleted_link(tiny, tmp_path):
+    """A job whose driver is killed with -9 is lost once it has left Grid Engine's queue; a held link deleted
+    with qdel, of which qacct keeps no record, is cancelled. The walltime, given in days, reaches qsub as h_rt
+    HH:MM:SS."""
+    need("qsub", "qrsh", "qstat", "qdel", "qacct", why="Grid Engine")
+    run = tmp_path / "run"
+    cfg = write_config(tiny, run, max_steps=100000)
+    proc = cli("submit", cfg, "--profile", _ge_profile(tmp_path), "--chain", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first, second = proc.stdout.split()
+    assert "#$ -l h_rt=00:05:00\n" in next((run / "submit").glob("*.sh")).read_text()
+    subprocess.run(["qdel", second], check=True, capture_output=True)
+    driver_pid = wait_until(lambda: job_records(run).get(first, {}).get("driver_pid"), 60, "job 1's driver",
+                            on_timeout=lambda: logs(run))
+    subprocess.run(["kill", "-9", str(driver_pid)], check=True)
+    wait_until(lambda: not ({first, second} & _qstat_ids()), 60, "the jobs to leave the queue")
+    lines = _status_lines(run)
+    assert lines[first].startswith(f"job {first} lost: gone from the gridengine queue: the launch driver on "
+                                   f"{socket.gethostname()} recorded no end"), lines[first]
+    assert lines[first].endswith(f"; see {run}/logs/keizoku-run.o{first}; submit again: the run starts from the "
+                                 f"beginning (no checkpoint yet)") or "resumes from step" in lines[first]
+    assert lines[second] == (f"job {second} cancelled: left the queue without starting, and gridengine keeps no "
+                             f"record of it (deleted with qdel?); submit again if that was not meant: the run " +
+                             lines[second].split(" the run ")[1])
+
+
+QMASTER_PID = Path("/var/spool/gridengine/qmaster/qmaster.pid")
+
+
+def _qmaster(up: bool) -> None:
+    """Stop or start Grid Engine's qmaster (as .ci/start-gridengine.sh does), and wait until it is so."""
+    if up:
+        if subprocess.run(["qstat"], capture_output=True).returncode != 0:
+            subprocess.run(["/usr/sbin/sge_qmaster"], check=True)
+        wait_until(lambda: subprocess.run(["qstat"], capture_output=True).returncode == 0, 60, "the qmaster")
+        return
+    pid = int(QMASTER_PID.read_text().strip())
+    os.kill(pid, 15)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 60, "the qmaster to stop")
+
+
+def test_qsub_is_tried_again_while_the_qmaster_is_down(tmp_path):
+    """With the qmaster down, qsub cannot reach it: keizoku submit tries again after each submit_retry_s wait,
+    then says so in one line (exit 1) and removes the script it wrote; when the qmaster is back before the
+    last try, the job is queued."""
+    need("qsub", "qstat", "qdel", why="Grid Engine")
+    if os.geteuid() != 0 or not QMASTER_PID.exists():
+        pytest.skip("stopping the qmaster needs root and .ci/start-gridengine.sh's qmaster")
+    run = tmp_path / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"run_dir: {run}\nmodel: {{hf_path: m}}\ndata: {{mock: true}}\ntrain: {{max_steps: 5}}\n")
+    prof = _ge_profile(tmp_path, submit_args=["-h"])  # held: queued, never run
+    _qmaster(up=False)
+    try:
+        proc = cli("submit", cfg, "--profile", prof, "--set", "submit_retry_s=[0.2]", cwd=tmp_path)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        tried, error = proc.stderr.strip().splitlines()
+        assert tried.startswith("qsub could not reach gridengine (try 1 of 2): error: commlib error: ")
+        assert tried.endswith("; trying again in 0.2 s")
+        assert error.startswith("error: qsub could not reach gridengine in 2 tries over 0.2 s (exit 1): error: "
+                                "commlib error: ") and "unable to send message to qmaster" in error
+        assert error.endswith(".sh and its plan are removed); submit again once gridengine answers")
+        assert not list((run / "submit").iterdir()) and not (run / "jobs.jsonl").exists()
+        # keizoku status meanwhile: a job submitted earlier cannot be placed, and it says why
+        (run / "jobs.jsonl").write_text('{"job_id": "424242", "scheduler": "gridengine", "link": 1, "of": 1}\n')
+        status = cli("status", run)
+        assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+        job = json.loads(cli("status", run, "--json").stdout)["jobs"][0]
+        assert job["state"] == "submitted" and job["detail"].startswith("gridengine could not be asked (qstat failed "
+                                                                        "(1): error: commlib error: ")
+        assert f"{job['detail']}: the states are the launch driver's records; try again once it answers" in \
+            status.stdout.replace("\n", " ")
+        (run / "jobs.jsonl").unlink()
+
+        err = tmp_path / "submit.err"
+        with open(err, "w") as f:
+            late = subprocess.Popen([sys.executable, "-m", "keizoku", "submit", str(cfg), "--profile", str(prof),
+                                     "--set", "submit_retry_s=[3,10]"], stdout=subprocess.PIPE, stderr=f, text=True,
+                                    cwd=tmp_path)
+        wait_until(lambda: "trying again in 3 s" in err.read_text(), 60, "the first try to fail")
+        _qmaster(up=True)
+        out, _ = late.communicate(timeout=60)
+    finally:
+        _qmaster(up=True)
+    assert late.returncode == 0, err.read_text()
+    job_id = out.split()[0]
+    subprocess.run(["qdel", job_id], capture_output=True)
+    assert [j["job_id"] for j in map(json.loads, (run / "jobs.jsonl").read_text().splitlines())] == [job_id]
+    assert len(list((run / "submit").glob("*.sh"))) == 1

@@ -59,18 +59,24 @@ def _squeue(ids: list[str]) -> str:
                           text=True).stdout
 
 
+def _submit_two_node_chain(tiny, tmp_path: Path, run: Path, *, max_steps: int, walltime: str,
+                           failure_grace_s: int) -> tuple[Path, list[str]]:
+    """A chain of three two-node jobs on the local Slurm: (the config, the job ids)."""
+    prof = tmp_path / "slurm-ci.yaml"
+    prof.write_text(yaml.safe_dump({"base": "slurm", "gpus_per_node": 0, "procs_per_node": 1, "directives": [],
+                                    "walltime": walltime, "warning_signal_s": 60, "failure_grace_s": failure_grace_s}))
+    cfg = write_config(tiny, run, max_steps=max_steps)
+    proc = cli("submit", cfg, "--profile", prof, "--nodes", "2", "--chain", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return cfg, proc.stdout.split()
+
+
 def test_two_nodes_chain_signal_checkpoint_resume(tiny, tmp_path):
     """Three chained jobs on two nodes: the first is warned (SIGUSR1 to the batch shell, delivered by Slurm
     as --signal=B:USR1 would), saves and exits 3; the second resumes and completes; the third exits at once."""
     need("sbatch", "squeue", "scancel", why="Slurm")
-    prof = tmp_path / "slurm-ci.yaml"
-    prof.write_text(yaml.safe_dump({"base": "slurm", "gpus_per_node": 0, "procs_per_node": 1, "directives": [],
-                                    "walltime": "00:05:00", "warning_signal_s": 60, "failure_grace_s": 10}))
     run = tmp_path / "run"
-    cfg = write_config(tiny, run, max_steps=40)
-    proc = cli("submit", cfg, "--profile", prof, "--nodes", "2", "--chain", "3")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    ids = proc.stdout.split()
+    cfg, ids = _submit_two_node_chain(tiny, tmp_path, run, max_steps=40, walltime="00:05:00", failure_grace_s=10)
     assert len(ids) == 3
     script = next((run / "submit").glob("*.sh")).read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --signal=B:USR1@60" in script
@@ -120,6 +126,11 @@ def test_a_rank_killed_on_node2_ends_the_two_node_job(tiny, tmp_path):
     rec = job_records(run)[job_id]
     assert rec["state"] == "failed" and rec["exit_status"] not in (0, 3), logs(run)
     assert "rank 1" in logs(run) and "killed by SIGKILL" in logs(run)
+    assert rec["detail"] == "rank 1 on node2 killed by SIGKILL", logs(run)  # the rank, its node, the signal
+    status = cli("status", run)
+    line = next(line for line in status.stdout.splitlines() if line.startswith(f"job {job_id} "))
+    assert line.startswith(f"job {job_id} failed: rank 1 on node2 killed by SIGKILL; see {run}/logs/slurm-{job_id}.out; "
+                           f"fix the cause and submit again: the run "), status.stdout
 
 
 def _rank_pid(cfg: Path, rank: int) -> int:
@@ -134,3 +145,72 @@ def _rank_pid(cfg: Path, rank: int) -> int:
         if str(cfg).encode() in cmd and b"train" in cmd and f"RANK={rank}".encode() in env:
             return int(entry.name)
     raise AssertionError(f"no training process of rank {rank} found")
+
+
+def _slurm_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+    return out.split("JobState=")[1].split()[0] if "JobState=" in out else ""
+
+
+def _status_lines(run: Path) -> dict[str, str]:
+    proc = cli("status", run)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("job ")}
+
+
+def test_status_names_lost_and_cancelled_jobs(tiny, tmp_path):
+    """keizoku status on what a real Slurm did: a link whose driver was killed with -9 is lost (sacct or scontrol:
+    FAILED, ExitCode 0:9), a running link cancelled with scancel and a waiting one cancelled before it started are
+    cancelled; each says what to do."""
+    need("sbatch", "squeue", "scancel", "scontrol", why="Slurm")
+    run = tmp_path / "run"
+    cfg, (first, second, third) = _submit_two_node_chain(tiny, tmp_path, run, max_steps=100000,
+                                                         walltime="0-00:05:00", failure_grace_s=5)
+    subprocess.run(["scancel", third], check=True)  # waiting for the second
+    driver_pid = wait_until(lambda: job_records(run).get(first, {}).get("driver_pid"), 60, "job 1's driver",
+                            on_timeout=lambda: logs(run))
+    subprocess.run(["kill", "-9", str(driver_pid)], check=True)
+    wait_until(lambda: job_records(run).get(second, {}).get("driver_pid"), 60, "job 2's driver",
+               on_timeout=lambda: logs(run))
+    subprocess.run(["scancel", second], check=True)
+    wait_until(lambda: not _squeue([first, second, third]).strip(), 60, "the jobs to leave the queue")
+    assert _slurm_state(first) == "FAILED" and _slurm_state(second) == "CANCELLED"
+
+    lines = _status_lines(run)
+    assert lines[first] == (f"job {first} lost: gone from the slurm queue: the launch driver on node1 recorded no end; "
+                            f"killed by SIGKILL (slurm: FAILED, ExitCode 0:9, JobLaunchFailure); see "
+                            f"{run}/logs/slurm-{first}.out; submit again: the run " + lines[first].split(" the run ")[1])
+    assert lines[second].startswith(f"job {second} cancelled: ")
+    assert "slurm: CANCELLED" in lines[second] and lines[second].endswith("submit again if that was not meant: the "
+                                                                          "run " + lines[second].split(" the run ")[1])
+    assert lines[third] == (f"job {third} cancelled: cancelled before it started (slurm: CANCELLED, ExitCode 0:0, "
+                            f"Dependency); submit again if that was not meant: the run " +
+                            lines[third].split(" the run ")[1])
+    states = {j["job_id"]: j["state"] for j in json.loads(cli("status", run, "--json").stdout)["jobs"]}
+    assert states == {first: "lost", second: "cancelled", third: "cancelled"}
+
+
+def test_a_refused_submission_leaves_nothing_that_looks_live(tmp_path):
+    """sbatch refuses the job (a partition that does not exist): no retry, one line with sbatch's words and what
+    to do, exit 1; the job script and plan it would have run are removed; what was there before is untouched."""
+    need("sbatch", why="Slurm")
+    run = tmp_path / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"run_dir: {run}\nmodel: {{hf_path: m}}\ndata: {{mock: true}}\ntrain: {{max_steps: 5}}\n")
+    before = {"jobs.jsonl": '{"job_id": "1", "scheduler": "slurm"}\n', "submit/20250101-000000.sh": "#!/bin/bash\n",
+              "submit/20250101-000000.plan.json": "{}\n", "notes.txt": "mine\n"}
+    for name, text in before.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    proc = cli("submit", cfg, "--profile", "slurm", "--set", "queue=no-such-partition", "--set", "gpus_per_node=0",
+               "--set", "directives=[]", "--chain", "2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not reach" not in lines[0], proc.stderr
+    assert lines[0].startswith("error: sbatch refused the job (exit 1): sbatch: error: invalid partition specified: "
+                               "no-such-partition; sbatch: error: Batch job submission failed: Invalid partition name "
+                               "specified; nothing was queued (")
+    assert lines[0].endswith(".sh and its plan are removed); fix what it names (the profile's queue, group, "
+                             "directives or submit_args; keizoku submit --dry-run shows the script) and submit again")
+    assert {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()} == set(before)
+    assert all((run / name).read_text() == text for name, text in before.items())

@@ -52,9 +52,9 @@ def snapshot(cfg: KeizokuConfig) -> Path:
     if final.is_dir():
         _check_same_model(cfg, final)
         return final
-    model_src = _local_dir(cfg.model.hf_path, "model.hf_path")
+    model_src = local_dir(cfg.model.hf_path, "model.hf_path")
     tokenizer_key = "model.tokenizer" if cfg.model.tokenizer else "model.hf_path"
-    tokenizer_src = _local_dir(cfg.model.tokenizer or cfg.model.hf_path, tokenizer_key)
+    tokenizer_src = local_dir(cfg.model.tokenizer or cfg.model.hf_path, tokenizer_key)
     staged = staging_path(final, tag="")  # one name: what a killed start left is replaced
     discard(staged)
     staged.mkdir(parents=True)
@@ -87,24 +87,7 @@ def tokenizer_dir(cfg: KeizokuConfig) -> str:
     return str(found) if found.is_dir() else cfg.model.tokenizer or cfg.model.hf_path
 
 
-def mismatches(cfg: KeizokuConfig) -> list[str]:
-    """What the config asks that the base model (its config.json, from ``model_dir``) cannot do, each naming both
-    keys: a ``data.seq_length`` above the model's ``max_position_embeddings``."""
-    path = Path(model_dir(cfg)) / "config.json"
-    try:
-        model_config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []  # a hub id without a snapshot: nothing local to check against
-    text = model_config.get("text_config", model_config)  # multimodal configs keep the LM's apart
-    limit = text.get("max_position_embeddings", text.get("n_positions"))
-    if isinstance(limit, int) and cfg.data.seq_length > limit:
-        return [f"data.seq_length: {cfg.data.seq_length} is above the model's max_position_embeddings ({limit}, in "
-                f"{path}); positions past it were never trained. Lower data.seq_length to at most {limit}, or extend "
-                "the model's context first (e.g. rope scaling in its config.json)."]
-    return []
-
-
-def _local_dir(name_or_path: str, key: str) -> Path:
+def local_dir(name_or_path: str, key: str) -> Path:
     """The local directory of a model or tokenizer: the path itself, or a hub id's snapshot in the HF cache
     (small files only; downloaded unless HF_HUB_OFFLINE is set)."""
     path = Path(name_or_path).expanduser()

@@ -11,12 +11,16 @@ engine; engine-specific settings get their own section.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from keizoku.errors import KeizokuError
@@ -40,8 +44,10 @@ class ModelConfig:
     tokenizer: Optional[str] = setting(None, "Tokenizer (directory or hub id) saved with exports; default: hf_path.")
     dtype: Literal["auto", "bf16", "fp32"] = setting("auto", "auto: bf16 mixed precision with fp32 master weights on "
                                                              "GPU, fp32 on CPU.")
-    attn_implementation: str = setting("sdpa", "transformers attention implementation (sdpa, eager, "
-                                               "flash_attention_2).")
+    attn_implementation: str = setting("auto", "transformers attention implementation. auto: the model's own choice "
+                                               "(sdpa where the model supports it, else eager: e.g. Gemma-2, whose "
+                                               "attention soft-capping sdpa cannot do); or sdpa, eager, "
+                                               "flash_attention_2, flex_attention.")
     activation_checkpointing: Literal["none", "selective", "full"] = setting(
         "none", "Recompute activations in the backward pass to save memory. none: keep all; selective: keep the matmul "
                 "and attention outputs, recompute the cheap elementwise work (norms, RoPE, SiLU; engine: megatron: its "
@@ -82,6 +88,9 @@ class DataConfig:
     cache_dir: Optional[str] = setting(None, "Where the dataset indices are cached; default RUN_DIR/data-cache.")
     num_workers: int = setting(2, "Data loader worker processes per rank.")
     mock: bool = setting(False, "Train on random tokens (smoke tests only). Never implied by a missing blend.")
+    require_run_tokenizer: bool = setting(True, "Refuse datasets whose keizoku manifest names another tokenizer than "
+                                                "the run's (by content); false: any tokenizer whose ids fit the "
+                                                "model's vocabulary.")
 
 
 @dataclass
@@ -242,30 +251,272 @@ class ConfigError(KeizokuError, ValueError):
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> KeizokuConfig:
-    """Defaults, then the YAML file, then ``a.b=c`` overrides; type-checked and validated."""
+    """Defaults, then the YAML file, then ``a.b=c`` overrides; type-checked and validated. A problem is a
+    ``ConfigError`` that says where it is: ``FILE:LINE:COL: key: ...`` in the YAML file (a syntax error is followed
+    by the offending line, indented), ``override a.b=c: ...`` on the command line, the key path for what
+    ``validate`` finds (one line each)."""
+    merged = OmegaConf.structured(KeizokuConfig)
+    text = None
+    if path is not None:
+        text = _read_text(path)
+        merged = _merge_yaml(merged, path, text)
+    for item in overrides:
+        merged = _merge_override(merged, item)
     try:
-        merged = OmegaConf.structured(KeizokuConfig)
-        if path is not None:
-            try:
-                text = Path(path).read_text()
-            except OSError as e:
-                raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-            merged = OmegaConf.merge(merged, OmegaConf.create(text) if text.strip() else {})
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r}: expected key.path=value")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        message = str(e).splitlines()[0]
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{key}: {message}" if key else f"{where}{message}") from None
+    except OmegaConfBaseException as e:  # what only the whole config shows: a value still missing, ...
+        raise ConfigError(_blame(e, path, text, overrides)) from None
     errors = validate(cfg)
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg
+
+
+_SEE_DEFAULTS = "keizoku config defaults lists every setting"
+
+
+def _read_text(path: str | os.PathLike) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+
+
+def _merge_yaml(merged: DictConfig, path: str | os.PathLike, text: str) -> DictConfig:
+    """``merged`` with the YAML file's settings on top; a problem names the file's line and column and the key."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None or isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):  # empty, comments, ---
+            return merged
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(f"{_at(path, node)}: the top level must be a mapping of sections (model:, data:, "
+                              f"train:, ...), not {_shown(node)}; {_SEE_DEFAULTS}")
+        problem = _shape_problem(node, KeizokuConfig, "")
+        if problem:
+            raise ConfigError(f"{_at(path, problem[0])}: {problem[1]}: {problem[2]}")
+        created = OmegaConf.create(text)  # OmegaConf's own loader: duplicate keys, 1e-4 as a float
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_syntax_error(path, text, e)) from None
+    try:
+        return OmegaConf.merge(merged, created)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_blame(e, path, text, ())) from None
+    except (TypeError, ValueError) as e:  # what the shape check above did not foresee
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _merge_override(merged: DictConfig, item: str) -> DictConfig:
+    """``merged`` with one ``key.path=value`` on top; a problem is blamed on the override, never on the file."""
+    key, eq, value = item.partition("=")
+    if not eq or not key or "" in key.split("."):
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    unknown, tp = _override_target(key)
+    if unknown:
+        raise ConfigError(f"override {item}: {unknown}")
+    try:
+        node = yaml.compose(value, Loader=yaml.SafeLoader)
+        problem = _shape_problem(node, tp, key) if node is not None and tp is not None else None
+        if not problem:
+            return OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                          f"quote the whole override as one shell word: '{key}=...'") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override {item}: {getattr(e, 'full_key', None) or key}: {_omegaconf_message(e)}") from None
+    except (TypeError, ValueError) as e:  # data.blend[0].path=x: OmegaConf cannot merge into one list element
+        if "[" in key:
+            raise ConfigError(f"override {item}: one element of a list cannot be set on its own; give the whole "
+                              f"list: '{key.partition('[')[0]}=[...]'") from None
+        raise ConfigError(f"override {item}: {e}") from None
+    raise ConfigError(f"override {item}: {problem[1]}: {problem[2]}")
+
+
+def _at(path: str | os.PathLike, node: yaml.Node) -> str:
+    return f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+
+def _shown(node: yaml.Node) -> str:
+    """A YAML node as an error message names it."""
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if node.tag.endswith(":null"):
+        return "empty"
+    return node.value if node.style is None else repr(node.value)
+
+
+def _yaml_syntax_error(path: str | os.PathLike, text: str, e: yaml.YAMLError) -> str:
+    """``FILE:LINE:COL: invalid YAML: ...`` and, on a second line, the offending line."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return f"{path}: invalid YAML ({' '.join(str(e).split())})"
+    problem = getattr(e, "problem", None) or "invalid YAML"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None and (cmark.line, cmark.column) != (mark.line, mark.column):
+        problem += f" ({context} at {cmark.line + 1}:{cmark.column + 1})"
+    line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+    offending = f"\n  {mark.line + 1} | {line}" if line.strip() else ""
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}{offending}"
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    """(T, True) for Optional[T], else (tp, False)."""
+    import types
+
+    if get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+        rest = [a for a in get_args(tp) if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else Any), True
+    return tp, False
+
+
+def _shape_problem(node: yaml.Node, tp: Any, key: str) -> tuple[yaml.Node, str, str] | None:
+    """The first place where the YAML's nesting is not the settings': an unknown key, a section or mapping that
+    is not one, a list that is not a list. (node, key path, what is wrong); the values are OmegaConf's to check."""
+    tp, optional = _strip_optional(tp)
+    if optional and isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+        return None
+    origin = get_origin(tp)
+    if is_dataclass(tp) or origin is dict:
+        if not isinstance(node, yaml.MappingNode):
+            if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+                return node, key, "is empty; give its settings, indented below it, or delete the line"
+            return node, key, f"must be a mapping ({{key: value, ...}}), not {_shown(node)}"
+        hints = _hints(tp) if is_dataclass(tp) else None
+        for k, v in node.value:
+            if k.tag.endswith(":merge"):  # <<: *anchor, merged when OmegaConf reads the file
+                continue
+            name = k.value if isinstance(k, yaml.ScalarNode) else _shown(k)
+            child = f"{key}.{name}" if key else name
+            if hints is not None and name not in hints:
+                return k, child, _not_a_setting(child, list(hints))
+            found = _shape_problem(v, hints[name] if hints is not None else get_args(tp)[1], child)
+            if found:
+                return (k, *found[1:]) if found[0] is v else found  # a value is found at its key
+    elif origin in (list, tuple):
+        if not isinstance(node, yaml.SequenceNode):
+            return node, key, f"must be a list ([...]), not {_shown(node)}"
+        args = get_args(tp)
+        if origin is tuple and Ellipsis not in args and len(node.value) != len(args):
+            return node, key, f"must be a list of {len(args)} values, not {len(node.value)}"
+        for i, v in enumerate(node.value if origin is list else ()):
+            found = _shape_problem(v, args[0], f"{key}[{i}]")
+            if found:
+                return found
+    elif (tp in (str, int, float, bool) or origin is Literal) and not isinstance(node, yaml.ScalarNode):
+        return node, key, f"must be a single value, not {_shown(node)}"
+    return None
+
+
+def _override_target(key: str) -> tuple[str | None, Any]:
+    """What an override's key names: (None, its type), or (``key.path: not a setting; did you mean ...``, None) for
+    a key that names no setting; (None, None) where the schema cannot say (OmegaConf checks it then)."""
+    tp, done = KeizokuConfig, ""
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
+        tp = _strip_optional(tp)[0]
+        if part.startswith("[") and get_origin(tp) is list:
+            tp, done = get_args(tp)[0], done + part
+        elif not part.startswith("[") and is_dataclass(tp):
+            child = f"{done}.{part}" if done else part
+            if part not in _hints(tp):
+                return f"{child}: {_not_a_setting(child, list(_hints(tp)), typed=key)}", None
+            tp, done = _hints(tp)[part], child
+        elif not part.startswith("[") and get_origin(tp) is dict:  # data.validation.NAME, megatron.overrides.*
+            tp, done = get_args(tp)[1], f"{done}.{part}"
+        else:
+            return None, None
+    return None, tp
+
+
+@cache
+def _setting_paths() -> tuple[str, ...]:
+    """Every section and setting as a key path: model, model.hf_path, ..."""
+    paths = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in _hints(cls).items():
+            paths.append(prefix + name)
+            if is_dataclass(tp):
+                walk(tp, f"{prefix}{name}.")
+
+    walk(KeizokuConfig, "")
+    return tuple(paths)
+
+
+def _not_a_setting(key: str, level: list[str], typed: str | None = None) -> str:
+    """What to say of ``key``, which names no setting (``level``: the names next to it; ``typed``: the whole key
+    given, for an override), with the closest keys by difflib."""
+    parent, _, name = key.rpartition(".")
+    plain = re.sub(r"\[\d+\]", "", name)
+    close = []
+    if typed and typed != key:  # traim.max_steps: train.max_steps, more than the section
+        close = difflib.get_close_matches(typed, _setting_paths(), n=3, cutoff=0.75)
+    near = [n for n in level if n.startswith(plain)] or difflib.get_close_matches(plain, level, n=3)  # hf: hf_path
+    close = close or [f"{parent}.{n}" if parent else n for n in near[:3]]
+    if not parent:  # global_batch_size: train.global_batch_size, the section left out
+        close = close or difflib.get_close_matches(key, _setting_paths(), n=3, cutoff=0.75)
+    close = close or [p for p in _setting_paths() if p.rpartition(".")[2] == plain][:3]  # lr: optim.lr
+    return f"not a setting; did you mean {' or '.join(close)}? ({_SEE_DEFAULTS})" if close else \
+        f"not a setting ({_SEE_DEFAULTS})"
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    """An OmegaConf error's first line, without its own suggestions and object names."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(e, MissingMandatoryValue):
+        return "required, and not given"
+    message = re.sub(r"\. Did you mean.*$", "", str(e).splitlines()[0])
+    return re.sub(r"^field '.*' is not Optional$", "must have a value (it cannot be null or empty)", message)
+
+
+def _blame(e: OmegaConfBaseException, path: str | os.PathLike | None, text: str | None,
+           overrides: list[str] | tuple[str, ...]) -> str:
+    """An OmegaConf error, named by the override that sets its key, else by the YAML file's line and column."""
+    key = getattr(e, "full_key", None) or ""
+    what = _omegaconf_message(e)
+    for item in reversed(list(overrides)):
+        k = item.partition("=")[0]
+        if key == k or key.startswith((k + ".", k + "[")):
+            return f"override {item}: {key}: {what}"
+    if path is None:
+        return f"{key}: {what}" if key else what
+    entries = _yaml_entries(yaml.compose(text, Loader=yaml.SafeLoader)) if text else {}
+    if key not in entries and "." not in key:  # a list entry's key comes without its path (data.blend[0].weight)
+        value = str(getattr(e, "value", ""))
+        full = [p for p, (_, v) in entries.items() if p.endswith("." + key) and getattr(v, "value", None) == value]
+        key = full[0] if len(full) == 1 else key
+    found = key
+    while found and found not in entries:
+        found = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", found) if re.search(r"[.\[]", found) else ""
+    where = _at(path, entries[found][0]) if found else str(path)
+    return f"{where}: {key}: {what}" if key else f"{where}: {what}"
+
+
+def _yaml_entries(node: yaml.Node | None, key: str = "", out: dict | None = None) -> dict[str, tuple]:
+    """Every key path of a composed YAML document: (its key node, or the list item, and its value node)."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                child = f"{key}.{k.value}" if key else k.value
+                out[child] = (k, v)
+                _yaml_entries(v, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out[f"{key}[{i}]"] = (v, v)
+            _yaml_entries(v, f"{key}[{i}]", out)
+    return out
 
 
 # engine: torch's FSDP settings whose default depends on the number of GPUs
@@ -291,6 +542,8 @@ def _check_model(cfg: KeizokuConfig) -> list[str]:
     err, m = [], cfg.model
     if not m.hf_path:
         err.append("model.hf_path: required — the Hugging Face model (directory or hub id) to continue from")
+    if not m.attn_implementation.strip():
+        err.append("model.attn_implementation: empty; use auto (the model's own choice), sdpa, eager, ...")
     if m.full_recompute_layers < 0:
         err.append(f"model.full_recompute_layers: must be >= 0, not {m.full_recompute_layers}")
     if m.full_recompute_layers > 0 and m.activation_checkpointing == "full":
@@ -509,9 +762,76 @@ def to_yaml(cfg: KeizokuConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def save_resolved(cfg: KeizokuConfig, run_dir: str | os.PathLike) -> Path:
-    """Write RUN_DIR/config.yaml (atomically): exactly what the run used."""
-    return write_atomic(RunDir(run_dir).config, to_yaml(cfg))
+# what a run that has trained may change freely: how it runs, evaluates, logs and saves, not what it trains (prefixes)
+FREE_TO_CHANGE = (
+    "model.hf_path", "model.tokenizer",  # the run reads its own copy of both (base_model); a moved model is the same
+    "model.attn_implementation", "model.activation_checkpointing", "model.full_recompute_layers", "model.compile",
+    "data.validation", "data.cache_dir", "data.num_workers", "data.require_run_tokenizer",
+    "train.micro_batch_size", "train.device", "train.loss_chunk_tokens", "train.on_nan", "optim.fused",
+    "checkpoint.", "eval.", "logging.", "parallel.",
+    "megatron.tensor_parallel", "megatron.pipeline_parallel", "megatron.virtual_pipeline", "megatron.context_parallel",
+    "megatron.sequence_parallel", "megatron.expert_parallel", "megatron.distributed_optimizer", "megatron.overlap_",
+    "megatron.transformer_impl", "megatron.async_save", "megatron.import_dir",
+)
+
+
+class RunChangeError(ConfigError):
+    """A start that would change what a run that has trained trains, without ``--allow-changes``."""
+
+
+def save_resolved(cfg: KeizokuConfig, run_dir: str | os.PathLike, *, allow_changes: bool = False,
+                  has_trained: bool = False, argv: list[str] | None = None) -> Path:
+    """Write RUN_DIR/config.yaml (atomically): exactly what the run uses, and append this start to
+    RUN_DIR/config-history.jsonl (time, command line, settings changed). A run that ``has_trained`` (a complete
+    checkpoint) keeps its definition: a change outside ``FREE_TO_CHANGE`` raises RunChangeError unless
+    ``allow_changes`` (recorded)."""
+    import json
+    import sys
+    import time
+
+    run = RunDir(run_dir)
+    resolved = to_yaml(cfg)
+    try:
+        before = yaml.safe_load(run.config.read_text()) if run.config.exists() else None
+    except yaml.YAMLError:
+        before = None  # unreadable: replaced, the history says so
+    changes = run_changes(before, yaml.safe_load(resolved)) if isinstance(before, dict) else {}
+    if changes and has_trained and not allow_changes:
+        said = ", ".join(f"{k} {_show(old)} → {_show(new)}" for k, (old, new) in changes.items())
+        hint = (" (another length reshapes the LR schedule from its first step)"
+                if {"train.max_steps", "train.max_tokens"} & set(changes) else "")
+        raise RunChangeError(f"{run.config}: this run has trained, and this start changes what it trains: {said}"
+                             f"{hint}. Use a new run_dir, or add --allow-changes to apply the change (recorded in "
+                             f"{run.history})")
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": argv if argv is not None else
+              sys.argv[1:], "changes": {k: list(v) for k, v in changes.items()}, "allowed": bool(changes)
+              and allow_changes, "first": before is None}
+    run.path.mkdir(parents=True, exist_ok=True)
+    with open(run.history, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+    return write_atomic(run.config, resolved)
+
+
+def run_changes(before: dict, after: dict) -> dict[str, tuple[Any, Any]]:
+    """{key: (before, after)} of the settings outside ``FREE_TO_CHANGE`` that differ (keys in both)."""
+    old, new = _flat(before), _flat(after)
+    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+            if old[k] != new[k] and not k.startswith(FREE_TO_CHANGE)}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "overrides":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _show(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return text[:-4] if text.endswith("\n...") else text.removesuffix("...").strip()
 
 
 def defaults_yaml() -> str:

@@ -4,6 +4,8 @@ and what a keizoku process's exit status means.
 Layout of ``RUN_DIR`` (``run_dir:`` in the config; ``RunDir`` below names each path)::
 
     config.yaml                 the resolved configuration, rewritten at every start of training
+    config-history.jsonl        one line per start: time, command line, settings changed (keizoku.config.save_resolved;
+                                a run that has trained refuses changes to what it trains without --allow-changes)
     base-model/                 what export needs of model.hf_path, copied at the start of a run (small files
                                 only: config.json, generation_config.json; tokenizer/: the tokenizer's files), so
                                 that a run is exported and resumed after model.hf_path is moved or deleted
@@ -19,8 +21,10 @@ Layout of ``RUN_DIR`` (``run_dir:`` in the config; ``RunDir`` below names each p
     megatron.json               engine megatron: what export needs besides config.yaml
     pretrained-megatron/        engine megatron: the Megatron import of model.hf_path (megatron.import_dir)
     jobs.jsonl                  keizoku submit: one line per submitted job (id, chain link, dependency)
-    jobs/JOB_ID.json            the launch driver: hosts, world size, start, end, exit status of each job
-    launch/                     the driver's stop files and MPI hostfiles, per job
+    jobs/JOB_ID.json            the launch driver: hosts, world size, start, end, exit status of each job; its
+                                host, pid and heartbeat (every 30 s while it runs); the failed rank's detail
+    launch/                     the driver's stop files and MPI hostfiles, per job; failure.JOB_ID.nodeR.json:
+                                what a node's agent saw of a rank that failed
     submit/SID.sh, SID.plan.json (+ SID.launch/ with --container)   what keizoku submit wrote
     logs/                       the scheduler's output of each job
     loss.png                    keizoku quickstart: the losses, plotted
@@ -115,12 +119,27 @@ class RunDir:
         return self.path / "base-model"
 
     @property
+    def history(self) -> Path:
+        return self.path / "config-history.jsonl"
+
+    @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
 
     @property
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
+
+    def where(self, checkpoint_interval: int, keep_last: int, save_at_end: bool, tensorboard: bool) -> List[str]:
+        """The first lines a training start prints: where everything of the run goes."""
+        when = [f"every {checkpoint_interval} steps"] * bool(checkpoint_interval) + ["at the end"] * save_at_end
+        every = " and ".join(when) or "never"
+        lines = [f"run directory {self.path.absolute()} (config.yaml, {self.history.name})",
+                 f"metrics {self.metrics.absolute()}; checkpoints {self.checkpoints.absolute()} ({every}, the newest "
+                 f"{keep_last} kept)"]
+        if tensorboard:
+            lines.append(f"TensorBoard: tensorboard --logdir {self.tensorboard.absolute()}")
+        return lines
 
     @property
     def checkpoints(self) -> Path:

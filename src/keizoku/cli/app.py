@@ -9,9 +9,28 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer import core as typer_core
 
 from keizoku import __version__
 from keizoku.rundir import ExitCode
+
+
+def _flags_show_no_type() -> None:
+    """typer 0.2x's help shows ``<bool>`` beside every flag (``--force <bool>``, even ``--help``), as if it took a
+    value; a flag shows nothing there, as in click's help and older typer's."""
+    option = getattr(typer_core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "keizoku", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and not getattr(self, "count", False) else shown(self, ctx)
+
+    display_type_rich.keizoku = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 
 app = typer.Typer(
     name="keizoku",
@@ -23,8 +42,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console(stderr=True)
-out = Console()
+
+
+class _Console(Console):
+    """A rich console that, when its stream is no terminal and COLUMNS is unset (a log file, CI, a pipe), lays out
+    at an unbounded width instead of rich's 80 columns: tables are as wide as their content, never cut or folded,
+    and lines are not wrapped; a rule stays 80 columns wide. COLUMNS, where set, is the width."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        stream = sys.stderr if stderr else sys.stdout
+        self.unbounded = not os.environ.get("COLUMNS", "").isdigit() and not (stream and stream.isatty())
+        super().__init__(stderr=stderr, width=100_000 if self.unbounded else None)
+
+    def rule(self, *args, **kwargs) -> None:
+        if not self.unbounded:
+            return super().rule(*args, **kwargs)
+        from rich.rule import Rule
+
+        self.print(Rule(*args, **kwargs), width=80)
+
+
+console = _Console(stderr=True)
+out = _Console()
 
 
 def error(message: str) -> None:
@@ -37,14 +76,18 @@ def log(message: str) -> None:
 
 
 def load_config_or_exit(path: Optional[Path], overrides: list[str] | None, exit_code: int = ExitCode.CONFIG):
-    """The validated config, or every problem printed (one line per key) and exit."""
+    """The validated config, or every problem printed (one line per key; an indented line, the YAML line at fault,
+    as it is) and exit."""
     from keizoku.config import ConfigError, load_config
 
     try:
         return load_config(path, overrides or [])
     except ConfigError as e:
         for line in str(e).splitlines():
-            error(line)
+            if line.startswith(" "):
+                log(line)
+            else:
+                error(line)
         raise typer.Exit(exit_code) from None
 
 

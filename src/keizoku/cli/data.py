@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from keizoku.cli.app import app, console, error, log, out
@@ -93,12 +94,12 @@ def tokenize(
 
 def _tokenize_table(result, rows: list[dict]) -> Table:
     """One row per dataset, and the total of those made by this run."""
-    table = Table(title=f"keizoku tokenize — {result.manifest}", title_justify="left")
+    table = Table(title=f"keizoku tokenize — {escape(str(result.manifest))}", title_justify="left")
     for col in ("dataset", "docs", "tokens", "MB", "seconds", "tokens/s", "skipped", "status"):
         table.add_column(col, justify="left" if col in ("dataset", "status") else "right", no_wrap=col != "dataset",
                          overflow="fold", min_width=12 if col == "dataset" else None)
     for r in rows:
-        table.add_row(r["dataset"], f"{r['documents']:,}", f"{r['tokens']:,}", f"{r['mb']:,.2f}",
+        table.add_row(escape(r["dataset"]), f"{r['documents']:,}", f"{r['tokens']:,}", f"{r['mb']:,.2f}",
                       f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['skipped']:,}", r["status"])
     fresh = [r for r in rows if r["status"] == "done"]
     if fresh:
@@ -124,28 +125,30 @@ def inspect(
 
     try:
         prefixes, manifest_path, manifest = resolve(path)
-    except (FileNotFoundError, ValueError) as e:
+        all_stats = [stats(prefix) for prefix in prefixes]
+        out.print(_stats_table(path, prefixes, all_stats))
+        if len(prefixes) == 1:
+            out.print(_histogram_table(all_stats[0]["histogram"]))
+            entry = manifest_entry(manifest_path, manifest, prefixes[0])
+            if entry:
+                out.print(_provenance(entry), highlight=False, markup=False)
+        if decode:
+            for prefix in prefixes:
+                _print_decoded(prefix, decode, tokenizer or _recorded_tokenizer(manifest_entry(manifest_path, manifest,
+                                                                                               prefix), prefix))
+    except (OSError, ValueError, KeizokuError) as e:  # a manifest, a tokenizer, a dataset that cannot be read
         error(str(e))
         raise typer.Exit(ExitCode.FAILED) from None
-    all_stats = [stats(prefix) for prefix in prefixes]
-    out.print(_stats_table(path, prefixes, all_stats))
-    if len(prefixes) == 1:
-        out.print(_histogram_table(all_stats[0]["histogram"]))
-        entry = manifest_entry(manifest_path, manifest, prefixes[0])
-        if entry:
-            out.print(_provenance(entry), highlight=False)
-    if decode:
-        for prefix in prefixes:
-            _print_decoded(prefix, decode, tokenizer or _recorded_tokenizer(manifest_entry(manifest_path, manifest,
-                                                                                           prefix), prefix))
 
 
 def _stats_table(path: str, prefixes: list[str], all_stats: list[dict]) -> Table:
-    summary = Table(title=str(path), title_justify="left")
+    summary = Table(title=escape(str(path)), title_justify="left")
     for col in ("dataset", "documents", "empty", "tokens", "dtype", "mean len", "p50", "p99", "max"):
-        summary.add_column(col, justify="left" if col == "dataset" else "right")
+        summary.add_column(col, justify="left" if col == "dataset" else "right",
+                           overflow="fold" if col == "dataset" else "ellipsis")  # names differ at their ends
     for prefix, s in zip(prefixes, all_stats):
-        summary.add_row(Path(prefix).name, f"{s['documents']:,}", f"{s['empty_documents']:,}", f"{s['tokens']:,}",
+        name = Path(prefix).relative_to(path) if Path(path).is_dir() else Path(prefix).name  # a/x and b/x
+        summary.add_row(escape(str(name)), f"{s['documents']:,}", f"{s['empty_documents']:,}", f"{s['tokens']:,}",
                         s["dtype"], f"{s.get('mean', 0):,.1f}", f"{s.get('p50', 0):,.0f}", f"{s.get('p99', 0):,.0f}",
                         f"{s.get('max', 0):,}")
     return summary
@@ -181,5 +184,5 @@ def _print_decoded(prefix: str, n: int, tokenizer: str) -> None:
     from keizoku.data.inspect import decode
 
     for i, length, text in decode(prefix, n, tokenizer):
-        out.rule(f"{Path(prefix).name} · document {i} · {length:,} tokens")
+        out.rule(f"{escape(Path(prefix).name)} · document {i} · {length:,} tokens")
         out.print(text, markup=False, highlight=False)

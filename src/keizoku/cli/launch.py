@@ -56,6 +56,8 @@ def launch(
     launcher: Annotated[Optional[str], typer.Option(help="node (an agent per node) or mpi (a process per GPU "
                                                     "from the starter).")] = None,
     nproc_per_node: Annotated[int, typer.Option(help="Training processes per node (0: one per visible GPU, or 1).")] = 0,
+    allow_changes: Annotated[bool, typer.Option("--allow-changes", help="Passed to keizoku train: let a run that has "
+                                                "trained change what it trains (recorded in the run).")] = False,
 ) -> None:
     """Run training on the nodes of the current allocation (inside a qsub/sbatch job, or on this machine).
 
@@ -81,11 +83,12 @@ def launch(
     if in_mpi:  # one rank of a user's `mpirun ... keizoku launch CONFIG`
         from keizoku.launch.worker import exec_train
 
-        exec_train([str(config), *(overrides or [])])
+        exec_train([str(config), *(overrides or []), *["--allow-changes"] * allow_changes])
     cfg = load_config_or_exit(config, overrides, exit_code=ExitCode.CONFIG)
     prof = _launch_profile(profile, None)
+    train_args = [*(overrides or []), *["--allow-changes"] * allow_changes]
     try:
-        status = launch_job(_plan_here(config, list(overrides or []), cfg, prof, starter, launcher, nproc_per_node))
+        status = launch_job(_plan_here(config, train_args, cfg, prof, starter, launcher, nproc_per_node))
     except (LaunchError, AllocationError, PortError) as e:
         error(str(e))
         raise typer.Exit(ExitCode.CONFIG) from None
@@ -100,7 +103,8 @@ def submit(
                                          "one of yours (~/.config/keizoku/profiles/NAME.yaml) or a YAML file.",
                                          show_default=False)] = ...,
     nodes: Annotated[Optional[int], typer.Option("--nodes", "-N", help="Nodes per job.", min=1)] = None,
-    walltime: Annotated[Optional[str], typer.Option("--walltime", "-t", help="Time limit per job, HH:MM:SS.")] = None,
+    walltime: Annotated[Optional[str], typer.Option("--walltime", help="Time limit per job, HH:MM:SS or D-HH:MM:SS "
+                                                    "(written as HH:MM:SS for Grid Engine and PBS).")] = None,
     chain: Annotated[int, typer.Option(help="Submit K jobs, each waiting for the previous one (afterany) and "
                                        "resuming from the newest checkpoint; spare ones exit at once.", min=1)] = 1,
     container: Annotated[Optional[Path], typer.Option(help="Run training in this Apptainer image (.sif): "
@@ -108,14 +112,21 @@ def submit(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a profile setting: key=value "
                                                       "(e.g. group=tga12345, queue=gpu, env.NCCL_DEBUG=INFO).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Job name (default: keizoku-RUN_DIR_NAME).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the job script and the submit commands; "
-                                          "write and submit nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the job script, its launch plan, the launch "
+                                          "lines (srun/mpirun/qrsh ...) and the submit commands; write and submit "
+                                          "nothing.")] = False,
+    allow_changes: Annotated[bool, typer.Option("--allow-changes", help="Passed to keizoku train: let a run that has "
+                                                "trained change what it trains (recorded in the run).")] = False,
 ) -> None:
     """Write a job script for a site profile into the run directory and submit it (a chain with --chain).
 
     The script asks for the scheduler's walltime warning (Grid Engine -notify, Slurm --signal), runs
     `keizoku launch` on the job's nodes, and records job ids in RUN_DIR/jobs.jsonl (see keizoku status).
     Profiles are YAML: copy a shipped one to ~/.config/keizoku/profiles/ or write one with base: NAME.
+    qsub/sbatch is tried again (submit_retry_s) when the scheduler cannot be reached.
+
+    Exit status: 0 submitted; 1 qsub/sbatch refused the job or could not reach the scheduler (nothing
+    queued: the job script and plan are removed), or the local job failed; 2 bad config or profile.
     """
     import shlex
 
@@ -127,14 +138,25 @@ def submit(
     sets = list(set_ or []) + ([f"nodes={nodes}"] if nodes else []) + ([f"walltime={walltime}"] if walltime else [])
     prof = _launch_profile(profile, sets)
     try:
-        result = submit_jobs(cfg, config, list(overrides or []), prof, chain=chain, container=container,
+        result = submit_jobs(cfg, config, [*(overrides or []), *["--allow-changes"] * allow_changes], prof, chain=chain, container=container,
                              dry_run=dry_run, name=name, command=shlex.join(["keizoku", "submit", *sys.argv[2:]]),
                              log=log)
     except (KeizokuError, ValueError, OSError) as e:  # ValueError: a job id the scheduler's output did not give
         error(str(e))
         raise typer.Exit(ExitCode.FAILED) from None
     if dry_run:
-        print(f"# {result.script} (dry run: not written)\n{result.script_text}# would run:")
+        print(f"# {result.script} (dry run: not written)\n{result.script_text}")
+        print(f"# {result.plan} (dry run: not written), which the launch driver reads:")
+        print("".join(f"#   {line}\n" for line in result.plan_text.splitlines()), end="")
+        last = f"..NODE{prof.nodes - 1}" if prof.nodes > 1 else ""
+        print(f"# in each job the launch driver would start (NODE0{last}: the job's {prof.nodes} host(s), NODE0 the "
+              f"batch host; PORT, JOB_ID: known when the job starts):")
+        for line in result.launch_lines:
+            print(f"#   {shlex.join(line)}")
+        print("# and so, with the variables torchrun would set (also LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK), each "
+              "training process:")
+        print(f"#   {' '.join(result.training_line[:4])} {shlex.join(result.training_line[4:])}")
+        print("# would run:")
         for cmd in result.commands:
             print(f"#   {shlex.join(cmd)}")
         return
@@ -148,7 +170,15 @@ def status(
     run_dir: Annotated[Path, typer.Argument(help="A keizoku run directory.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Jobs of a run and their states, the last step, loss and tokens, and the newest checkpoint."""
+    """Jobs of a run and their states, the last step, loss and tokens, and the newest checkpoint.
+
+    States (docs/launch.md has what each means and what to do): pending, held, running, completed, stopped
+    after saving, failed (which rank, on which node, how), cancelled (scancel/qdel), lost (the launch driver
+    ended without recording how: killed, node down; or silent for 120 s), submitted (the scheduler could not be
+    asked). A failed, lost or cancelled job gets a line below the table saying what to do.
+
+    Exit status: 0 the status was printed (whatever the jobs' states); 1 no such run directory.
+    """
     import json
 
     from keizoku.launch.status import run_status
@@ -167,6 +197,13 @@ def status(
         table.add_row(j.job_id, f"{j.link}/{j.of}" if j.link else "", j.state,
                       "" if j.exit_status is None else str(j.exit_status), ",".join(j.hosts[:4]), j.detail)
     out.print(table)
+    for j in s.jobs:
+        if j.advice:
+            out.print(f"job {j.job_id} {j.state}: {j.detail}; {j.advice}", highlight=False, markup=False,
+                      soft_wrap=True)
+    if s.query_error:
+        out.print(f"{s.query_error}: the states are the launch driver's records; try again once it answers",
+                  highlight=False, markup=False, soft_wrap=True)
     if s.last:
         total = f" of {s.total_steps}" if s.total_steps else ""
         out.print(f"step {s.last['step']}{total} · loss {s.last['loss']:.4f} · tokens {s.last['tokens']:,}",

@@ -32,6 +32,9 @@ def quickstart(
     after, a loss plot, where everything is, and the commands to run next on real data. A rerun reuses the
     steps that are finished.
     """
+    from keizoku.quiet import silence_library_noise
+
+    silence_library_noise()
     from keizoku.quickstart import Options, run_quickstart
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the hub
@@ -48,22 +51,37 @@ def train(
     config: Annotated[Path, typer.Argument(help="A keizoku YAML config (see keizoku config defaults).",
                                            show_default=False)],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+    allow_changes: Annotated[bool, typer.Option(
+        "--allow-changes", help="Let a run that has trained change what it trains (data, batch, length, optimizer, "
+                                "schedule...); refused otherwise. Each start is recorded in RUN_DIR/config-history.jsonl."
+    )] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show the libraries' start-up warnings (hidden: "
+                                                            "keizoku.quiet lists them).")] = False,
 ) -> None:
     """Continual pre-training from a Hugging Face model on tokenized datasets.
 
     One process on a laptop, or under torchrun on many GPUs and nodes:
     torchrun --nproc-per-node 8 -m keizoku train CONFIG.yaml. Resumes from the run's latest checkpoint
-    (checkpoint.resume: auto). Exit status: 0 done, 1 failed, 2 bad config, 3 stopped by SIGTERM/SIGUSR1/SIGUSR2
-    after saving (resubmit to continue).
+    (checkpoint.resume: auto). Ctrl-C saves and stops at the end of the step; a second Ctrl-C aborts. Exit status:
+    0 done, 1 failed, 2 bad config, 3 stopped after saving by Ctrl-C or SIGTERM/SIGUSR1/SIGUSR2 (run again to
+    continue), 130 aborted by a second Ctrl-C.
     """
+    if not verbose:
+        from keizoku.quiet import silence_library_noise
+
+        silence_library_noise()
     from keizoku.engines import train as train_with_engine
 
     cfg = load_config_or_exit(config, overrides)
     try:
-        status = train_with_engine(cfg)
+        status = train_with_engine(cfg, allow_changes=allow_changes)
     except KeizokuError as e:
         error(str(e))
         status = ExitCode.FAILED
+    except KeyboardInterrupt:
+        error("aborted by a second Ctrl-C: nothing saved since the last checkpoint, which is intact; run again to "
+              "resume from it")
+        status = ExitCode.INTERRUPTED
     leave(status)
 
 
@@ -169,12 +187,17 @@ def config_check(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
 ) -> None:
     """Validate CONFIG with overrides (and against the base model's config.json where it is local), and print the
-    resolved configuration."""
-    from keizoku.base_model import mismatches
+    resolved configuration.
+
+    Each problem is one line naming the file's line and key (FILE:LINE:COL: key: ...), the override
+    (override key.path=value: ...) or the setting. Exit status: 0 valid, 1 not valid (keizoku train exits 2 on the
+    same problems).
+    """
     from keizoku.config import to_yaml
+    from keizoku.preflight import problems as preflight_problems
 
     cfg = load_config_or_exit(path, overrides, exit_code=ExitCode.FAILED)
-    problems = mismatches(cfg)
+    problems = preflight_problems(cfg)
     for problem in problems:
         error(problem)
     if problems:

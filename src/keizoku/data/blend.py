@@ -73,36 +73,39 @@ def sample_cache_dir(cfg: KeizokuConfig) -> Path:
 
 def resolve(entries: list[DatasetEntry], key: str) -> list[Source]:
     """Expand each entry's path to dataset prefixes (a directory's manifest lists them)."""
-    sources = []
-    for i, entry in enumerate(entries):
-        where = f"{key}[{i}].path"
-        path = Path(entry.path)
-        if path.is_dir():
-            found = mf.find(path)
-            if found is None:
-                raise DataError(f"{where}: {path} is a directory without a {mf.MANIFEST_NAME}; give dataset prefixes "
-                                "or a directory written by keizoku tokenize")
-            manifest_path, data = found
-            names = sorted(data["datasets"])
-            keys = {data["datasets"][n]["key"] for n in names}
-            if len(keys) > 1:
-                raise DataError(f"{where}: {path} holds datasets of several keys ({', '.join(sorted(keys))}); "
-                                "list the prefixes you want")
-            prefixes = [str(manifest_path.parent / n) for n in names]
-            if not prefixes:
-                raise DataError(f"{where}: {manifest_path} lists no datasets")
-        else:
-            prefixes = [str(path)]
-        tokens = []
-        for p in prefixes:
-            bin_path, idx_path = dataset_paths(p)
-            if not idx_path.exists() or not bin_path.exists():
-                raise DataError(f"{where}: no dataset {p} (expected {p}.bin and {p}.idx)")
-            tokens.append(bin_path.stat().st_size // read_index_header(idx_path)["dtype"].itemsize)
-        if sum(tokens) == 0:
-            raise DataError(f"{where}: {entry.path} holds no tokens")
-        sources.append(Source(where.rsplit(".", 1)[0], prefixes, tokens, entry.weight, entry.tokens))
-    return sources
+    return [resolve_entry(entry, f"{key}[{i}].path") for i, entry in enumerate(entries)]
+
+
+def resolve_entry(entry: DatasetEntry, where: str) -> Source:
+    """One entry (``where``: its config key) → its dataset prefixes and their token counts, or a DataError."""
+    path = Path(entry.path)
+    if path.is_dir():
+        found = mf.find(path)
+        if found is None:
+            raise DataError(f"{where}: {path} is a directory without a {mf.MANIFEST_NAME}; give dataset prefixes "
+                            "or a directory written by keizoku tokenize")
+        manifest_path, data = found
+        names = sorted(data["datasets"])
+        keys = {data["datasets"][n]["key"] for n in names}
+        if len(keys) > 1:
+            raise DataError(f"{where}: {path} holds datasets of several keys ({', '.join(sorted(keys))}); "
+                            "list the prefixes you want")
+        prefixes = [str(manifest_path.parent / n) for n in names]
+        if not prefixes:
+            raise DataError(f"{where}: {manifest_path} lists no datasets")
+    else:
+        prefixes = [str(path)]
+    tokens = []
+    for p in prefixes:
+        bin_path, idx_path = dataset_paths(p)
+        if not idx_path.exists() or not bin_path.exists():
+            missing = " and ".join(str(f) for f in (bin_path, idx_path) if not f.exists())
+            raise DataError(f"{where}: no dataset {p} ({missing} not found; a dataset is PREFIX.bin and PREFIX.idx, "
+                            "or a directory written by keizoku tokenize)")
+        tokens.append(bin_path.stat().st_size // read_index_header(idx_path)["dtype"].itemsize)
+    if sum(tokens) == 0:
+        raise DataError(f"{where}: {entry.path} holds no tokens")
+    return Source(where.rsplit(".", 1)[0], prefixes, tokens, entry.weight, entry.tokens)
 
 
 def blend_of(sources: list[Source], total_tokens: int | None) -> tuple[list[str], list[float] | None]:

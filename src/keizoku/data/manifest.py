@@ -18,6 +18,12 @@ One manifest per output directory, next to the datasets it lists::
       }
     }
 
+``tokenizer.name_or_path`` is stored so that it reads from any directory (``stored_tokenizer_path``): a local
+tokenizer directory inside the manifest's directory relative to it (``./tok``: the datasets and their tokenizer
+move together), any other absolute; a hub id as given. ``tokenizer_path`` reads it back, and reads manifests of
+earlier releases, which kept the path as typed: a relative path is looked for in the manifest's directory, then in
+the current one.
+
 An entry is written only after its ``.bin``/``.idx`` pair is complete and renamed into place, and the
 manifest itself is replaced atomically (``rundir.write_atomic``), so an entry always describes finished data.
 Several runs may write into one directory at once (one job per shard of a corpus): ``update_manifest``
@@ -72,9 +78,11 @@ def write_manifest(path: Path, data: dict) -> None:
 
 
 def update_manifest(path: Path, entries: dict[str, dict]) -> dict:
-    """Add or replace entries under an exclusive lock, re-reading the file first."""
+    """Add or replace entries under an exclusive lock, re-reading the file first; each entry's tokenizer path is
+    stored as ``stored_tokenizer_path`` says."""
     import fcntl
 
+    entries = {name: _with_stored_tokenizer(path, entry) for name, entry in entries.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -82,6 +90,61 @@ def update_manifest(path: Path, entries: dict[str, dict]) -> dict:
         data["datasets"].update(entries)
         write_manifest(path, data)
     return data
+
+
+# --- the tokenizer's path ---------------------------------------------------------------------------------------
+
+def stored_tokenizer_path(manifest_path: Path, name_or_path: str) -> str:
+    """How the manifest at ``manifest_path`` records the tokenizer ``name_or_path`` (as given to tokenize, relative
+    to the current directory): a local directory inside the manifest's directory as ``./RELATIVE``, another one
+    absolute; anything else (a hub id) as it is."""
+    local = Path(name_or_path).expanduser()
+    if not local.exists():
+        return name_or_path
+    absolute = Path(os.path.abspath(local))
+    home = Path(os.path.abspath(manifest_path.parent))
+    if absolute == home or home in absolute.parents:
+        return "./" + absolute.relative_to(home).as_posix() if absolute != home else "."
+    return str(absolute)
+
+
+def tokenizer_path(manifest_path: Path, name: str, entry: dict) -> str:
+    """The tokenizer entry ``name`` of the manifest was made with, as a path that loads from here (or a hub id):
+    absolute paths as they are; a relative one in the manifest's directory, else (manifests of earlier releases, which
+    kept the path as typed) in the current directory; a ManifestError naming the manifest and key if neither has
+    it."""
+    recorded = (entry.get("tokenizer") or {}).get("name_or_path")
+    key = f"datasets.{name}.tokenizer.name_or_path"
+    if not isinstance(recorded, str) or not recorded:
+        raise ManifestError(f"{manifest_path}: {key}: not recorded; pass --tokenizer")
+    path = Path(recorded).expanduser()
+    if path.is_absolute():
+        if path.exists():
+            return str(path)
+        raise ManifestError(f"{manifest_path}: {key}: {recorded} no longer exists; pass --tokenizer with the "
+                            "tokenizer's directory")
+    candidates = [Path(os.path.abspath(manifest_path.parent / path)), Path(os.path.abspath(path))]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is not None:
+        return str(found)
+    if _hub_id(recorded):
+        return recorded
+    raise ManifestError(f"{manifest_path}: {key}: {recorded!r} is relative and is neither in {candidates[0].parent} "
+                        f"(the manifest's directory) nor in {Path.cwd()} (the current one); pass --tokenizer with the "
+                        "tokenizer's directory")
+
+
+def _hub_id(name: str) -> bool:
+    """Whether ``name`` may be a Hugging Face hub id (``name`` or ``owner/name``) rather than a path."""
+    return not name.startswith((".", "~", "/")) and name.count("/") <= 1 and "\\" not in name
+
+
+def _with_stored_tokenizer(manifest_path: Path, entry: dict) -> dict:
+    tokenizer = entry.get("tokenizer")
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("name_or_path"), str):
+        return entry
+    stored = stored_tokenizer_path(manifest_path, tokenizer["name_or_path"])
+    return {**entry, "tokenizer": {**tokenizer, "name_or_path": stored}}
 
 
 def find(prefix_or_dir: Path) -> tuple[Path, dict] | None:

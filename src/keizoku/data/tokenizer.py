@@ -91,6 +91,7 @@ class TokenizerInfo:
     backend: str  # "tiktoken" (exact fast path), "hf-fast" or "hf-slow"
     fast_path_note: str = ""
     engine: str = ""  # what computes the ids: keizoku._bpe, tiktoken, tokenizers or transformers
+    ids_fingerprint: str = ""  # ids_fingerprint(): the same for the same tokenizer however it was loaded
 
     @property
     def dtype(self) -> np.dtype:
@@ -104,6 +105,7 @@ class TokenizerInfo:
             "eos_id": self.eos_id,
             "bos_id": self.bos_id,
             "fingerprint": self.fingerprint,
+            "ids_fingerprint": self.ids_fingerprint,
             "use_fast": self.use_fast,
             "backend": self.backend,
             "engine": self.engine,
@@ -327,6 +329,19 @@ def tokenizer_fingerprint(tok: LoadedTokenizer) -> str:
     return h.hexdigest()
 
 
+def ids_fingerprint(tok: LoadedTokenizer) -> str:
+    """sha256 over what defines the ids, independent of how the tokenizer was loaded: ``tokenizer_fingerprint``
+    hashes the JSON text as read (the file's, or transformers' re-serialisation of it, which differ for one
+    tokenizer), this one the parsed JSON written canonically. Compares a dataset's tokenizer with a model's
+    (``keizoku.preflight``); the manifest keeps both (``tokenizer_fingerprint`` decides whether data is current)."""
+    if tok.backend_json is None:
+        return tokenizer_fingerprint(tok)
+    h = hashlib.sha256(json.dumps(json.loads(tok.backend_json), sort_keys=True, separators=(",", ":"),
+                                  ensure_ascii=False).encode())
+    h.update(json.dumps([tok.bos_id, tok.eos_id, tok.vocab_size]).encode())
+    return h.hexdigest()
+
+
 @dataclass
 class Prepared:
     """The tokenizer, the encoder to use, and — while the fast path is not yet verified — the fallback."""
@@ -363,6 +378,7 @@ def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
         eos_id=tok.eos_id,
         bos_id=tok.bos_id,
         fingerprint=fingerprint,
+        ids_fingerprint=ids_fingerprint(tok),
         use_fast=tok.backend_json is not None,
         backend=spec.backend,
         fast_path_note=note,

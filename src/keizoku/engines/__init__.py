@@ -2,8 +2,8 @@
 
 Every engine offers the same entry points (``ENGINES``: where each one lives, imported only when called):
 
-- ``train(cfg) -> int``: train the config from its run directory's newest checkpoint (or the base model); the
-  process exit status (``keizoku.rundir.ExitCode``);
+- ``train(cfg, allow_changes) -> int``: train the config from its run directory's newest checkpoint (or the base
+  model); the process exit status (``keizoku.rundir.ExitCode``); ``allow_changes``: see ``config.save_resolved``;
 - ``export(run_dir, out, *, step, verify, log, dtype, verify_logits) -> dict``: a checkpoint of the run → a
   Hugging Face model directory in ``dtype`` (auto: the base model's), verified (``verify_logits``: also the
   logits; None: where the engine finds it affordable); returns what ``out/keizoku_export.json`` records;
@@ -24,7 +24,8 @@ from typing import Callable, Optional
 
 from keizoku.config import KeizokuConfig, load_config
 from keizoku.errors import KeizokuError
-from keizoku.rundir import EXPORT_RECORD, Checkpoint, RunDir, find_checkpoint
+from keizoku.rundir import (COMMIT, EXPORT_RECORD, Checkpoint, RunDir, checkpoint_path, committed_checkpoints,
+                            find_checkpoint, is_committed)
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,10 @@ def entry_point(engine: str, name: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
-def train(cfg: KeizokuConfig) -> int:
-    """Train with ``cfg.engine``; the exit status."""
-    return entry_point(cfg.engine, "train")(cfg)
+def train(cfg: KeizokuConfig, allow_changes: bool = False) -> int:
+    """Train with ``cfg.engine``; the exit status. ``allow_changes``: a run that has trained may change what it
+    trains (``config.save_resolved``)."""
+    return entry_point(cfg.engine, "train")(cfg, allow_changes=allow_changes)
 
 
 def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, verify: bool = True, log=print,
@@ -70,6 +72,7 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, ver
     or empty directory, or with ``overwrite`` an earlier keizoku export (``check_export_target``)."""
     check_export_target(Path(run_dir), Path(out), overwrite)
     cfg = load_config(RunDir(run_dir).config)
+    checkpoint_to_export(Path(run_dir), step, cfg.engine)  # before the engine is imported: a wrong --step fails fast
     return entry_point(cfg.engine, "export")(Path(run_dir), Path(out), step=step, verify=verify, log=log,
                                              dtype=dtype, verify_logits=verify_logits)
 
@@ -105,10 +108,19 @@ def import_hf(engine: str, hf_path: str, **options) -> Path:
 
 
 def checkpoint_to_export(run_dir: Path, step: int | None, engine: str) -> Checkpoint:
-    """The complete checkpoint of ``step`` (None: the newest) that an export reads, or an ExportError."""
+    """The complete checkpoint of ``step`` (None: the newest) that an export reads, or an ExportError naming the
+    run's complete checkpoints (and the asked one, when it is there but incomplete)."""
     found = find_checkpoint(run_dir, step, engine)
     if found is not None:
         return found
+    steps = [c.step for c in committed_checkpoints(run_dir, engine)]
     if step is None:
-        raise ExportError(f"{run_dir}: no complete checkpoint in {RunDir(run_dir).checkpoints}")
-    raise ExportError(f"{RunDir(run_dir).checkpoints}: no complete checkpoint for step {step}")
+        raise ExportError(f"{run_dir}: no complete checkpoint in {RunDir(run_dir).checkpoints}; train first (a "
+                          "checkpoint is saved every checkpoint.interval steps and at the end)")
+    others = (f"export a complete one with --step (this run has step{'s' if len(steps) > 1 else ''} "
+              f"{', '.join(map(str, steps))}), or leave --step out for the newest") if steps else \
+        "the run has no complete checkpoint"
+    path = checkpoint_path(run_dir, step, engine)
+    if engine == "torch" and path.is_dir() and not is_committed(path):
+        raise ExportError(f"{path}: incomplete: it has no {COMMIT}, so its save never finished; {others}")
+    raise ExportError(f"{RunDir(run_dir).checkpoints}: no complete checkpoint for step {step}; {others}")

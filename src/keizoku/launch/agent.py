@@ -11,7 +11,8 @@ through torch.distributed's ``env://`` rendezvous (a TCPStore on the master). Th
   which can cut a large checkpoint short.
 - **a failed rank** (any exit other than 0 and 3, or a signal): the others get SIGTERM, then SIGKILL after
   ``--failure-grace`` seconds (a rank blocked in a collective with a dead peer never finishes its step);
-  the agent exits non-zero, and so the driver stops the other nodes.
+  the agent reports which rank failed, where and how (``--failure-file``: the driver puts it into the job
+  record) and exits non-zero, and so the driver stops the other nodes.
 - **abort** — SIGINT, SIGHUP, or (``--watch-stdin``, under qrsh/ssh) end of stdin when the driver is gone:
   like a failure. The training processes also die with the agent (``PR_SET_PDEATHSIG``).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -35,7 +37,8 @@ import time
 from typing import Dict, List, Optional
 
 from keizoku.launch.driver import ENDED_WELL, SignalWatch, describe_exit, ignore_warnings, kill_group, log
-from keizoku.rundir import ExitCode
+from keizoku.launch.schedulers import signal_name
+from keizoku.rundir import ExitCode, write_atomic
 
 RELAY_EVERY_S = 2.0  # repeat the stop signal: a rank still starting up ignores it (see _child_setup)
 
@@ -137,8 +140,23 @@ class Agent(SignalWatch):
         rank = self.node_rank * self.args.nproc_per_node + local_rank
         log(f"node {self.node_rank}: rank {rank} (pid {self.procs[local_rank].pid}) failed "
             f"({describe_exit(code)}); stopping the other ranks")
+        self._report(rank, local_rank, code)
         self._terminate()
         return ExitCode.of_returncode(code)
+
+    def _report(self, rank: int, local_rank: int, code: int) -> None:
+        """The failed rank, for the driver's job record (``driver.failure_detail``): FAILURE_FILE.nodeR.json."""
+        if not self.args.failure_file:
+            return
+        hosts = [h for h in self.args.hosts.split(",") if h]
+        host = hosts[self.node_rank] if self.node_rank < len(hosts) else socket.gethostname()
+        report = {"time": time.time(), "rank": rank, "local_rank": local_rank, "node_rank": self.node_rank,
+                  "host": host, "pid": self.procs[local_rank].pid, "exit_status": ExitCode.of_returncode(code),
+                  "signal": signal_name(-code) if code < 0 else None, "how": describe_exit(code, verb=True)}
+        try:
+            write_atomic(f"{self.args.failure_file}.node{self.node_rank}.json", json.dumps(report))
+        except OSError as e:
+            log(f"node {self.node_rank}: cannot report the failure ({e.strerror})")
 
     def _terminate(self) -> None:
         live = [p for p in self.procs if p.poll() is None]
@@ -164,6 +182,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--run-id", default="local")
     p.add_argument("--hosts", default="", help="comma-separated node list; node rank r runs on hosts[r]")
     p.add_argument("--stop-file", default="")
+    p.add_argument("--failure-file", default="", help="report a failed rank to FAILURE_FILE.nodeR.json")
     p.add_argument("--failure-grace", type=float, default=30.0)
     p.add_argument("--workdir", default="")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")

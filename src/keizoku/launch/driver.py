@@ -19,7 +19,12 @@ Runs once per job, on the batch host (where the job script runs). It
    itself ``stop_margin_s`` before the walltime (PBS sends no warning of its own);
 5. if a node fails, stops the others within ``failure_grace_s``; exits with the training's status
    (``rundir.ExitCode``): 0 done, 3 stopped after saving (resubmit: the next chained job resumes), anything
-   else failed; ``RunDir.job_record`` keeps what ran where and how it ended.
+   else failed; ``RunDir.job_record`` keeps what ran where and how it ended: for a failure, which rank on which
+   node and its exit status or signal (each node agent writes ``failure_file(...)``.nodeR.json when one of its
+   ranks fails; the earliest is the cause);
+6. while it runs, writes a heartbeat (``heartbeat``: the time) into the job record every ``HEARTBEAT_S`` seconds,
+   with its host and pid: ``keizoku status`` calls a job whose driver went silent for ``STALE_AFTER_S`` (or
+   whose pid is gone, seen from the same host) lost.
 
 Standard library only, Python >= 3.8, and so are the modules it imports (``schedulers``, ``port``,
 ``keizoku.rundir``): with ``--container`` the job script runs a copy of these files on the node's own
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import json
 import os
 import shlex
@@ -45,13 +51,21 @@ from typing import Callable, Dict, List, Optional
 
 try:  # a package module normally; a lone copy beside the job script under --container
     from keizoku.launch.port import PortError, pick_port
-    from keizoku.launch.schedulers import Allocation, AllocationError, detect_allocation, scheduler_named
-    from keizoku.rundir import ExitCode, RunDir, latest_checkpoint, write_atomic
+    from keizoku.launch.schedulers import Allocation, AllocationError, detect_allocation, scheduler_named, signal_name
+    from keizoku.rundir import ExitCode, RunDir, latest_checkpoint, safe_name, write_atomic
 except ImportError:  # pragma: no cover - exercised by the container tests through copied files
     from port import PortError, pick_port  # type: ignore
-    from rundir import ExitCode, RunDir, latest_checkpoint, write_atomic  # type: ignore
-    from schedulers import Allocation, AllocationError, detect_allocation, scheduler_named  # type: ignore
+    from rundir import ExitCode, RunDir, latest_checkpoint, safe_name, write_atomic  # type: ignore
+    from schedulers import (  # type: ignore
+        Allocation,
+        AllocationError,
+        detect_allocation,
+        scheduler_named,
+        signal_name,
+    )
 
+HEARTBEAT_S = 30  # how often the driver writes its heartbeat into the job record
+STALE_AFTER_S = 120  # keizoku status: a running job whose driver has written no heartbeat for this long is lost
 GRACEFUL = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # walltime warnings: save, then stop
 ABORT = (signal.SIGINT, signal.SIGHUP)
 ENDED_WELL = (ExitCode.OK, ExitCode.STOPPED)
@@ -157,8 +171,11 @@ class Topology:
     master_port: int
 
     @property
-    def world(self) -> int:
-        return self.alloc.nnodes * self.nproc
+    def world(self):
+        """nodes × processes; for a dry run whose processes per node are not known yet, the product as text."""
+        if isinstance(self.nproc, int):
+            return self.alloc.nnodes * self.nproc
+        return f"{self.alloc.nnodes}x{self.nproc}"
 
     def describe(self, plan: LaunchPlan) -> str:
         hosts = ", ".join(self.alloc.hosts[:8]) + (" …" if self.alloc.nnodes > 8 else "")
@@ -169,12 +186,18 @@ class Topology:
 
 # --- commands ---------------------------------------------------------------------------------------------
 
+def failure_file(run_dir: str, job_id: str) -> str:
+    """Where the node agents of a job report a failed rank: this, plus ``.nodeR.json`` (RUN_DIR/launch/)."""
+    return str(RunDir(run_dir).launch / f"failure.{safe_name(job_id)}")
+
+
 def agent_command(plan: LaunchPlan, topo: Topology, stop_file: str, node_rank: Optional[int] = None,
                   watch_stdin: bool = False) -> List[str]:
     cmd = [*plan.python, "-m", "keizoku.launch.agent", "--nnodes", str(topo.alloc.nnodes),
            "--nproc-per-node", str(topo.nproc), "--master-addr", topo.master_addr,
            "--master-port", str(topo.master_port), "--run-id", topo.alloc.job_id,
            "--hosts", ",".join(topo.alloc.hosts), "--stop-file", stop_file,
+           "--failure-file", failure_file(plan.run_dir, topo.alloc.job_id),
            "--failure-grace", str(plan.failure_grace_s), "--workdir", plan.workdir or os.getcwd()]
     cmd += _env_args(plan)
     if node_rank is not None:
@@ -209,11 +232,13 @@ class Child:
     relay: bool  # forwards a signal sent to it (srun, mpirun, a local agent); a remote shell client does not
     stdin_pipe: bool = False
     proc: Optional[subprocess.Popen] = None
+    local_agent: bool = False  # a node agent on this host: it dies with the driver (no scheduler step holds it)
 
     def start(self) -> None:
         # own session: a signal to the job's process group (Grid Engine's -notify) must not kill a qrsh
         # client or srun outright; we relay it deliberately
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=ignore_warnings,
+        self.proc = subprocess.Popen(self.argv, start_new_session=True,
+                                     preexec_fn=die_with_parent if self.local_agent else ignore_warnings,
                                      stdin=subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL)
 
     def running(self) -> bool:
@@ -233,12 +258,15 @@ def _srun_children(plan: LaunchPlan, topo: Topology, stop_file: str, hostfile: s
 
 
 def _mpirun_children(plan: LaunchPlan, topo: Topology, stop_file: str, hostfile: str) -> List[Child]:
+    """mpirun with the hostfile ``Driver.run`` writes (``mpirun_per_node`` slots a host)."""
     mpi = plan.launcher == "mpi"
-    per_node = topo.nproc if mpi else 1
     command = worker_command(plan, topo) if mpi else agent_command(plan, topo, stop_file)
-    write_hostfile(hostfile, topo.alloc.hosts, per_node)
-    return [Child("mpirun", [*plan.mpirun, "-np", str(topo.alloc.nnodes * per_node), "-npernode", str(per_node),
-                             "--hostfile", hostfile, *command], True)]
+    return [Child("mpirun", [*plan.mpirun, "-np", str(topo.world if mpi else topo.alloc.nnodes), "-npernode",
+                             str(mpirun_per_node(plan, topo)), "--hostfile", hostfile, *command], True)]
+
+
+def mpirun_per_node(plan: LaunchPlan, topo: Topology):
+    return topo.nproc if plan.launcher == "mpi" else 1
 
 
 def _pbsdsh_children(plan: LaunchPlan, topo: Topology, stop_file: str, hostfile: str) -> List[Child]:
@@ -246,7 +274,7 @@ def _pbsdsh_children(plan: LaunchPlan, topo: Topology, stop_file: str, hostfile:
 
 
 def _local_children(plan: LaunchPlan, topo: Topology, stop_file: str, hostfile: str) -> List[Child]:
-    return [Child(f"node {r}", agent_command(plan, topo, stop_file, node_rank=r), True)
+    return [Child(f"node {r}", agent_command(plan, topo, stop_file, node_rank=r), True, local_agent=True)
             for r in range(topo.alloc.nnodes)]
 
 
@@ -254,7 +282,7 @@ def _remote_shell_children(plan: LaunchPlan, topo: Topology, stop_file: str, hos
                            shell: Callable[[str], List[str]]) -> List[Child]:
     """Node 0 runs here; the rest through the remote shell, whose stdin we hold: when this driver dies, the remote
     agent reads EOF and stops its workers (qrsh and ssh both forward stdin and its end)."""
-    out = [Child("node 0", agent_command(plan, topo, stop_file, node_rank=0), True)]
+    out = [Child("node 0", agent_command(plan, topo, stop_file, node_rank=0), True, local_agent=True)]
     for r, host in enumerate(topo.alloc.hosts[1:], 1):
         remote = shlex.join(agent_command(plan, topo, stop_file, node_rank=r, watch_stdin=True))
         out.append(Child(f"node {r} ({host})", [*shell(host), remote], False, stdin_pipe=True))
@@ -271,6 +299,19 @@ STARTS = {  # starter -> its children; which a scheduler allows: Scheduler.start
 }
 STARTERS = tuple(STARTS)
 MPI_STARTERS = ("srun", "mpirun")  # those that can start one process per GPU (launcher: mpi)
+
+
+def launch_lines(plan: LaunchPlan, nnodes: int, scheduler: str, procs_per_node=None) -> List[List[str]]:
+    """What the driver would start for this plan in a job of ``nnodes`` nodes (``keizoku submit --dry-run``), with
+    what is known only in the job as words: NODE0, NODE1, … (the job's hosts, NODE0 the batch host), PORT (the
+    rendezvous port), JOB_ID; ``procs_per_node`` (the plan's, else the caller's: a number or a word such as GPUS).
+    Writes nothing."""
+    hosts = [f"NODE{i}" for i in range(nnodes)]
+    alloc = Allocation(scheduler, "JOB_ID", hosts, [1] * nnodes, hosts[0], hosts[0])
+    topo = Topology(alloc, plan.procs_per_node or procs_per_node or "GPUS", hosts[0], "PORT")  # type: ignore[arg-type]
+    run = RunDir(plan.run_dir)
+    kids = STARTS[plan.starter](plan, topo, str(run.stop_file("JOB_ID")), str(run.hostfile("JOB_ID")))
+    return [kid.argv for kid in kids]
 
 
 def check_plan(plan: LaunchPlan) -> None:
@@ -333,17 +374,25 @@ class Driver(SignalWatch):
         self.kids: List[Child] = []
         self.stopping = self.aborted = False
         self.first_failure: Optional[int] = None
+        self.failed_child = ""  # "node 1 (vm) killed by SIGKILL": the first child that failed, as the driver saw it
 
-    def run(self) -> int:
-        """Start the children and watch them until all have ended; the job's exit status."""
+    def run(self, heartbeat: Callable[[], None] = lambda: None) -> int:
+        """Start the children and watch them until all have ended, calling ``heartbeat`` every ``HEARTBEAT_S``;
+        the job's exit status."""
         self.listen()
+        if self.plan.starter == "mpirun":
+            write_hostfile(self.hostfile, self.topo.alloc.hosts, mpirun_per_node(self.plan, self.topo))
         self.kids = STARTS[self.plan.starter](self.plan, self.topo, self.stop_file, self.hostfile)
         for kid in self.kids:
             kid.start()
         deadline = None
         if self.plan.walltime_s and self.plan.stop_margin_s:
             deadline = time.monotonic() + self.plan.walltime_s - self.plan.stop_margin_s
+        beat = time.monotonic()
         while any(kid.running() for kid in self.kids):
+            if time.monotonic() - beat >= HEARTBEAT_S:
+                beat = time.monotonic()
+                heartbeat()
             self._stop_if_asked(deadline)
             if not self.aborted and self._abort_if_failed():
                 continue
@@ -366,6 +415,7 @@ class Driver(SignalWatch):
             return False
         if failed:
             self.first_failure = failed[0].proc.returncode
+            self.failed_child = f"{failed[0].label} {describe_exit(self.first_failure, verb=True)}"
             log(f"{failed[0].label} failed ({describe_exit(self.first_failure)})")
         self.aborted = True
         self.abort(self.abort_reason or "a node failed")
@@ -416,10 +466,55 @@ def ignore_warnings() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def describe_exit(returncode: int) -> str:
+def die_with_parent() -> None:
+    """In a child before exec: SIGKILL when the driver dies (Linux PR_SET_PDEATHSIG), so that a driver killed
+    with -9 leaves no node agent training on (its training processes die with it in turn); and
+    ``ignore_warnings``."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    ignore_warnings()
+
+
+def describe_exit(returncode: int, verb: bool = False) -> str:
+    """``killed by SIGKILL`` or ``exit status 1`` (``exited with status 1`` with ``verb``) of a Popen returncode."""
     if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    return f"exit status {returncode}"
+        return f"killed by {signal_name(-returncode)}"
+    return f"exited with status {returncode}" if verb else f"exit status {returncode}"
+
+
+def failure_detail(run_dir: str, job_id: str, driver: "Driver") -> Optional[dict]:
+    """What failed first: the earliest rank failure a node agent reported, else the child the driver saw fail,
+    else why it was aborted; None if nothing failed."""
+    prefix = failure_file(run_dir, job_id)
+    reports = []
+    for path in glob.glob(glob.escape(prefix) + ".node*.json"):
+        try:
+            with open(path) as f:
+                reports.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    reports = [r for r in reports if isinstance(r, dict) and "rank" in r]
+    if reports:
+        first = min(reports, key=lambda r: r.get("time", 0))
+        first["detail"] = f"rank {first['rank']} on {first.get('host', '?')} {first.get('how', 'failed')}"
+        return first
+    if driver.failed_child:
+        return {"detail": driver.failed_child}
+    if driver.abort_reason:
+        return {"detail": f"aborted: {driver.abort_reason}"}
+    return None
+
+
+def _remove_failure_reports(run_dir: str, job_id: str) -> None:
+    for path in glob.glob(glob.escape(failure_file(run_dir, job_id)) + ".node*.json"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def kill_group(pid: int, sig: int) -> None:
@@ -440,6 +535,14 @@ def update_job_record(run_dir: str, job_id: str, fields: dict) -> None:
         record = {}
     record.update(fields)
     write_atomic(path, json.dumps(record, indent=1))
+
+
+def _beat(run_dir: str, job_id: str) -> None:
+    """The heartbeat: the time, into the job record (a write that fails is retried at the next beat)."""
+    try:
+        update_job_record(run_dir, job_id, {"heartbeat": time.time()})
+    except OSError as e:
+        log(f"cannot write the heartbeat into {RunDir(run_dir).job_record(job_id)} ({e.strerror})")
 
 
 def launch_job(plan: LaunchPlan, env=os.environ) -> int:
@@ -475,12 +578,19 @@ def _run_job(plan: LaunchPlan, topo: Topology) -> int:
     update_job_record(plan.run_dir, job_id, {
         "job_id": job_id, "scheduler": topo.alloc.scheduler, "hosts": topo.alloc.hosts, "procs_per_node": topo.nproc,
         "world_size": topo.world, "master": f"{topo.master_addr}:{topo.master_port}", "launcher": plan.launcher,
-        "starter": plan.starter, "started": started, "state": "running"})
+        "starter": plan.starter, "started": started, "state": "running", "driver_host": socket.gethostname(),
+        "driver_pid": os.getpid(), "heartbeat": started, "heartbeat_s": HEARTBEAT_S})
+    _remove_failure_reports(plan.run_dir, job_id)  # a job id may run again (local runs, tests)
     driver = Driver(plan, topo, str(stop_file), str(run.hostfile(job_id)))
-    status = driver.run()
+    status = driver.run(heartbeat=lambda: _beat(plan.run_dir, job_id))
     outcome = ExitCode.outcome(status)
-    update_job_record(plan.run_dir, job_id, {"ended": time.time(), "exit_status": int(status), "state": outcome,
-                                             "stop_reason": driver.stop_reason})
+    ended = {"ended": time.time(), "heartbeat": time.time(), "exit_status": int(status), "state": outcome,
+             "stop_reason": driver.stop_reason}
+    failure = failure_detail(plan.run_dir, job_id, driver) if status not in ENDED_WELL else None
+    if failure:
+        ended["failure"], ended["detail"] = failure, failure["detail"]
+        log(f"failed: {failure['detail']}")
+    update_job_record(plan.run_dir, job_id, ended)
     if status == ExitCode.STOPPED:
         log(f"stopped after saving a checkpoint (exit {int(status)}): resubmit, or let the next chained job continue")
     else:

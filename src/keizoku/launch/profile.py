@@ -52,7 +52,8 @@ class Profile:
     scheduler: SchedulerName = setting("local", "gridengine (qsub, #$), pbs (qsub, #PBS), slurm (sbatch) or local "
                                                 "(launch/schedulers.py).")
     nodes: int = setting(1, "Nodes per job (--nodes overrides).")
-    walltime: Optional[str] = setting("24:00:00", "Time limit per job, HH:MM:SS (--walltime overrides).")
+    walltime: Optional[str] = setting("24:00:00", "Time limit per job, HH:MM:SS or D-HH:MM:SS (written as HH:MM:SS "
+                                                  "for Grid Engine and PBS; --walltime overrides).")
     required: list[str] = setting(list, "Settings that must be given before submitting (e.g. [group]).")
     group: Optional[str] = setting(None, "Accounting group: Grid Engine qsub -g, PBS -P, Slurm --account.")
     queue: Optional[str] = setting(None, "Queue or partition: PBS -q, Slurm --partition, Grid Engine -q.")
@@ -62,6 +63,9 @@ class Profile:
     directives: list[str] = setting(list, "More scheduler directives, verbatim after '#$ ', '#PBS ' or '#SBATCH '; "
                                           "{nodes}, {gpus_per_node} and {walltime} are filled in.")
     submit_args: list[str] = setting(list, "More arguments for qsub/sbatch on every submission.")
+    submit_retry_s: list[float] = _list_f([10.0, 30.0], "When qsub/sbatch cannot reach the scheduler (connection "
+                                                        "refused, controller down): seconds to wait before each "
+                                                        "new try ([]: no retry).")
     setup: list[str] = setting(list, "Shell lines the job runs before launching (module loads, venv activation).")
     env: dict[str, str] = setting(dict, "Environment for the training processes (NCCL, CUDA settings), also exported "
                                         "by the job script.")
@@ -121,6 +125,8 @@ def load_profile(name: str, overrides: list[str] = ()) -> Profile:
     errors = profile_errors(profile)
     if errors:
         raise ProfileError("\n".join(f"profile {name}: {e}" for e in errors))
+    if profile.walltime is not None:  # as the scheduler takes it: D-HH:MM:SS -> HH:MM:SS for h_rt and PBS walltime
+        profile.walltime = scheduler_named(profile.scheduler).walltime_value(profile.walltime)
     return profile
 
 
@@ -177,4 +183,6 @@ def profile_errors(p: Profile) -> list[str]:
     for key in ("gpus_per_node", "procs_per_node", "warning_signal_s", "stop_margin_s"):
         if getattr(p, key) < 0:
             err.append(f"{key}: must be >= 0, not {getattr(p, key)}")
+    if any(s < 0 for s in p.submit_retry_s):
+        err.append(f"submit_retry_s: waits must be >= 0, not {p.submit_retry_s}")
     return err

@@ -14,11 +14,17 @@ is. A scheduler knows
   - none: this machine (``KEIZOKU_LOCAL_JOB_ID``, set by ``keizoku submit --profile local``, names the job);
 
 - **its job scripts**: the directive prefix (``#$``, ``#PBS``, ``#SBATCH``) and directives, the walltime's
-  format (``walltime_seconds``), and the warning it sends before the walltime kill (``warning_signal``: Grid
+  format (``walltime_seconds``; ``walltime_value`` writes ``D-HH:MM:SS`` as ``HH:MM:SS`` where the scheduler takes
+  no days), and the warning it sends before the walltime kill (``warning_signal``: Grid
   Engine's ``-notify`` sends SIGUSR2, Slurm's ``--signal=B:USR1@N`` SIGUSR1; PBS sends none, so keizoku's own
   ``stop_margin_s`` stands in);
 - **submission**: the command that submits a script after another job (the chain's dependency) and the job id it
-  prints (``submit_command``, ``parse_job_id``), and what its queue says of jobs (``job_states``);
+  prints (``submit_command``, ``parse_job_id``), which of its refusals mean it could not be reached (``unreachable``:
+  ``keizoku submit`` tries again) and where a job's output goes (``log_path``);
+- **its jobs, live and ended**: what its queue says of the jobs it still holds (``job_states``: squeue, qstat; a
+  ``QueryError`` when it cannot be asked), and what its accounting says of a job that has left the queue
+  (``job_ends``: sacct, else ``scontrol show job`` while Slurm remembers it; qacct; ``qstat -x -f``), as a
+  ``JobEnd``: completed, failed, cancelled, timeout, node_fail, out_of_memory, with the exit status or signal;
 - **starting processes on its nodes**: its native starter (srun, qrsh, pbsdsh, local) and which starters it
   allows (``starters``).
 
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 from dataclasses import dataclass, field
@@ -45,13 +52,42 @@ if TYPE_CHECKING:  # only for annotations: this module must import without keizo
     from keizoku.launch.profile import Profile
     from keizoku.launch.script import JobSpec
 
-JobStates = Dict[str, Tuple[str, str]]  # {job id: (state, detail)}
+JobStates = Dict[str, Tuple[str, str]]  # {job id: (state, detail)} of the jobs a queue still holds
 ANY_SCHEDULER_STARTERS = ("mpirun", "ssh", "local")  # reach the hosts they are given, under any scheduler
 LOCAL_JOB_ID = "KEIZOKU_LOCAL_JOB_ID"  # the job id of a job script that `keizoku submit --profile local` runs
 
 
 class AllocationError(RuntimeError):
     """The scheduler's variables or files are missing or malformed; the message names which."""
+
+
+class QueryError(RuntimeError):
+    """The scheduler could not be asked about its jobs (command missing, controller down); the message says which
+    command said what."""
+
+
+@dataclass
+class JobEnd:
+    """How a job that has left the queue ended, in the scheduler's accounting (``Scheduler.job_ends``)."""
+
+    state: str  # completed, failed, cancelled, timeout, node_fail, out_of_memory
+    exit_status: Optional[int] = None  # the job script's, shell style: 128 + N when killed by signal N
+    signal: Optional[int] = None  # the signal that ended the job script, if one did
+    host: str = ""  # where the job script ran
+    words: str = ""  # the scheduler's own words, e.g. "slurm: FAILED, ExitCode 0:9"
+
+    def how(self) -> str:
+        """``killed by SIGKILL``, ``exit status 1``, or the state."""
+        if self.signal:
+            return f"killed by {signal_name(self.signal)}"
+        return f"exit status {self.exit_status}" if self.exit_status is not None else self.state
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 @dataclass
@@ -82,7 +118,7 @@ class Scheduler:
     native_starter = "local"  # what starts processes on the job's nodes: srun, qrsh -inherit, pbsdsh, local
     warning_signal: Optional[str] = None  # sent before the walltime kill, as the job script asks for it
     walltime_option = ""  # the directive that sets the walltime, for messages
-    takes_days = False  # the walltime may be D-HH:MM:SS
+    takes_days = False  # the walltime directive takes D-HH:MM:SS as written (else it is written as HH:MM:SS)
     stop_before_walltime: Tuple[str, ...] = ("stop_margin_s",)  # profile settings (s) less than the walltime
     queues_jobs = True  # False: keizoku submit runs the job script here instead of submitting it
     hosts_are_allocated = True  # KEIZOKU_HOSTS must name hosts of the allocation
@@ -108,12 +144,14 @@ class Scheduler:
         return []
 
     def walltime_seconds(self, text: str) -> int:
-        """The walltime in seconds; ValueError (naming no key) if this scheduler cannot take it as written."""
-        seconds = parse_walltime(text)
-        if "-" in str(text) and not self.takes_days:
-            raise ValueError(f"{text!r} is D-HH:MM:SS, which {self.name}'s {self.walltime_option} does not take; "
-                             f"write {format_walltime(seconds)}")
-        return seconds
+        """The walltime in seconds; ValueError (naming no key) if it is not a time this scheduler can be given."""
+        return parse_walltime(text)
+
+    def walltime_value(self, text: str) -> str:
+        """The walltime as this scheduler's directive takes it: ``D-HH:MM:SS`` becomes ``HH:MM:SS`` (hours past
+        24) where the scheduler takes no days (Grid Engine's ``h_rt``, PBS's ``walltime``)."""
+        seconds = self.walltime_seconds(text)
+        return str(text) if self.takes_days or "-" not in str(text) else format_walltime(seconds)
 
     def profile_errors(self, profile: "Profile") -> List[str]:
         """What is wrong with a profile for this scheduler: its walltime, the stops before it, its starter."""
@@ -126,7 +164,8 @@ class Scheduler:
         try:
             limit = self.walltime_seconds(profile.walltime)
         except ValueError as e:
-            return [f"walltime: {e}"]
+            where = f"; {self.name}'s {self.walltime_option}" if self.walltime_option else ""
+            return [f"walltime (--walltime{where}): {e}"]
         return [f"{key}: {getattr(profile, key)} s is not less than the walltime ({limit} s): the job would be "
                 f"told to stop as it starts" for key in self.stop_before_walltime if getattr(profile, key) >= limit]
 
@@ -152,21 +191,48 @@ class Scheduler:
             raise ValueError(f"cannot read a job id from the {self.name} submit output {stdout!r}")
         return text
 
+    unreachable_words: Tuple[str, ...] = ()  # in a submit command's refusal: the scheduler was not reached
+
+    def unreachable(self, message: str) -> bool:
+        """Whether a refused submission failed for want of the scheduler (connection refused, controller down), so
+        that nothing was queued and the same command may be tried again. A timeout is not such a failure: the
+        job may have been queued, and a second one would train the same run at the same time."""
+        text = message.lower()
+        return any(w.lower() in text for w in self.unreachable_words)
+
+    def log_path(self, logs: str, name: str, job_id: str) -> Optional[str]:
+        """Where the job script's output goes (the directives write it under ``logs``)."""
+        return None
+
+    cancel_command = ""  # what deletes a job, for messages
+
     def job_states(self, job_ids: Sequence[str]) -> JobStates:
-        """{job id: (state, detail)} for the jobs the scheduler still knows; empty if its command is missing."""
+        """{job id: (state, detail)} for the jobs the queue still holds (a job that has ended is not among them);
+        QueryError if the queue cannot be asked."""
         command = self.state_command(job_ids)
-        if not job_ids or command is None:
+        if not job_ids:
             return {}
-        try:
-            out = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
-        except (OSError, subprocess.SubprocessError):
-            return {}
-        return self.parse_states(out, job_ids)
+        if command is None:
+            raise QueryError(f"{self.name} has no queue to ask")
+        proc = _run(command)
+        if proc.returncode != 0 and not self.none_known(proc):
+            raise QueryError(f"{command[0]} failed ({proc.returncode}): {one_line(proc.stderr or proc.stdout)}")
+        return self.parse_states(proc.stdout, job_ids)
+
+    def none_known(self, proc: subprocess.CompletedProcess) -> bool:
+        """Whether a failed queue command only said that it knows none of the jobs (they have all left it)."""
+        return False
 
     def state_command(self, job_ids: Sequence[str]) -> Optional[List[str]]:
         return None
 
     def parse_states(self, stdout: str, job_ids: Sequence[str]) -> JobStates:
+        return {}
+
+    def job_ends(self, job_ids: Sequence[str]) -> Dict[str, JobEnd]:
+        """How the jobs that have left the queue ended, from the scheduler's accounting; the jobs it has no record
+        of are missing (a job deleted before it started, or one it no longer remembers). Best effort: never
+        raises."""
         return {}
 
 
@@ -233,12 +299,62 @@ class Slurm(Scheduler):
         """``sbatch --parsable``: ``123`` or ``123;cluster``."""
         return self._checked_id(_last_line(stdout).split(";", 1)[0], stdout)
 
+    unreachable_words = ("Unable to contact slurm controller", "Connection refused", "connect failure")
+    cancel_command = "scancel"
+    _ENDS = {"COMPLETED": "completed", "FAILED": "failed", "CANCELLED": "cancelled", "TIMEOUT": "timeout",
+             "DEADLINE": "timeout", "NODE_FAIL": "node_fail", "OUT_OF_MEMORY": "out_of_memory",
+             "BOOT_FAIL": "failed", "PREEMPTED": "cancelled", "REVOKED": "cancelled"}
+
+    def log_path(self, logs: str, name: str, job_id: str) -> Optional[str]:
+        return f"{logs}/slurm-{job_id}.out"  # --output=LOGS/slurm-%j.out
+
     def state_command(self, job_ids: Sequence[str]) -> Optional[List[str]]:
         return ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"]
 
+    def none_known(self, proc: subprocess.CompletedProcess) -> bool:
+        return "Invalid job id specified" in proc.stderr  # squeue -j, when every job has left the queue
+
     def parse_states(self, stdout: str, job_ids: Sequence[str]) -> JobStates:
         rows = [line.split("|") for line in stdout.splitlines() if line.count("|") == 2]
-        return {i: (s.lower(), "" if r in ("None", "(null)") else r) for i, s, r in rows}
+        return {i: (s.lower(), "" if r in ("None", "(null)") else r) for i, s, r in rows
+                if s not in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")}
+
+    def job_ends(self, job_ids: Sequence[str]) -> Dict[str, JobEnd]:
+        """sacct; for the jobs it does not know (accounting disabled, or not yet stored): ``scontrol show job``,
+        which knows a job for ``MinJobAge`` (300 s by default) after its end."""
+        if not job_ids:
+            return {}
+        ends: Dict[str, JobEnd] = {}
+        out = _output(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobIDRaw,State,ExitCode,NodeList"])
+        for line in (out or "").splitlines():
+            parts = line.split("|")
+            if len(parts) == 4 and parts[0] in job_ids:
+                ends[parts[0]] = self._end(parts[1], parts[2], expand_first(parts[3]), "sacct")
+        for job_id in job_ids:
+            if job_id not in ends:
+                end = self.parse_scontrol(_output(["scontrol", "-o", "show", "job", job_id]) or "", job_id)
+                if end is not None:
+                    ends[job_id] = end
+        return {k: v for k, v in ends.items() if v is not None}
+
+    def parse_scontrol(self, stdout: str, job_id: str) -> Optional[JobEnd]:
+        """``scontrol -o show job ID``: one line of ``Key=Value``; None while the job is live."""
+        fields = dict(re.findall(r"(\w+)=(\S*)", stdout))
+        if fields.get("JobId") != job_id or not fields.get("JobState"):
+            return None
+        return self._end(fields["JobState"], fields.get("ExitCode", ""), fields.get("BatchHost", ""), "slurm",
+                         fields.get("Reason", ""))
+
+    def _end(self, state: str, exit_code: str, host: str, source: str, reason: str = "") -> Optional[JobEnd]:
+        """A JobEnd from Slurm's JobState (``CANCELLED by 0``) and ExitCode (``status:signal``); None while live."""
+        word = state.split()[0] if state.split() else ""
+        if word not in self._ENDS:
+            return None
+        status, _, sig = exit_code.partition(":")
+        code = int(status) if status.isdigit() else None
+        signum = int(sig) if sig.isdigit() and int(sig) else None
+        words = f"{source}: {state}, ExitCode {exit_code}" + (f", {reason}" if reason not in ("", "None") else "")
+        return JobEnd(self._ENDS[word], 128 + signum if signum else code, signum, host, words)
 
 
 @register
@@ -270,19 +386,55 @@ class PBS(Scheduler):
         cmd = ["qsub"] + (["-W", f"depend=afterany:{after}"] if after else [])
         return cmd + list(profile.submit_args) + [str(script)]
 
+    unreachable_words = ("cannot connect to server", "pbs_connect", "Connection refused", "Server busy")
+    cancel_command = "qdel"
+
+    def log_path(self, logs: str, name: str, job_id: str) -> Optional[str]:
+        return f"{logs}/{name[:15]}.o{job_id.split('.', 1)[0]}"  # -o LOGS/: JOB_NAME.oSEQUENCE
+
     def state_command(self, job_ids: Sequence[str]) -> Optional[List[str]]:
         return ["qstat", "-x", *job_ids]  # -x: finished jobs too
 
+    def none_known(self, proc: subprocess.CompletedProcess) -> bool:
+        return "Unknown Job Id" in proc.stderr  # some jobs are gone from the server's history; the rest are listed
+
     def parse_states(self, stdout: str, job_ids: Sequence[str]) -> JobStates:
-        """qstat's ``Job id`` column may shorten the server part (``123.pbs1`` as ``123.pbs*``): match by number."""
+        """qstat's ``Job id`` column may shorten the server part (``123.pbs1`` as ``123.pbs*``): match by number.
+        Finished jobs (F, X) have left the queue: ``job_ends`` tells how they ended."""
         found = {}
         for line in stdout.splitlines():
             parts = line.split()
-            if len(parts) >= 5:
+            if len(parts) >= 5 and parts[4] not in ("F", "X"):
                 for j in job_ids:
                     if short(j) == short(parts[0]):
                         found[j] = (self._STATES.get(parts[4], parts[4]), "")
         return found
+
+    def job_ends(self, job_ids: Sequence[str]) -> Dict[str, JobEnd]:
+        """``qstat -x -f``: ``Exit_status`` of a finished job (PBS Pro: 256 + N when the job was killed by
+        signal N; below 0 when PBS could not start it). A job deleted before it ran has none."""
+        return self.parse_ends(_output(["qstat", "-x", "-f", *job_ids]) or "", job_ids) if job_ids else {}
+
+    def parse_ends(self, stdout: str, job_ids: Sequence[str]) -> Dict[str, JobEnd]:
+        ends = {}
+        for block in re.split(r"^Job Id: ", stdout, flags=re.M)[1:]:
+            job = block.split()[0]
+            fields = dict(re.findall(r"^\s+([\w.]+) = (.*)$", block, flags=re.M))
+            status = fields.get("Exit_status", "").strip()
+            match = [j for j in job_ids if short(j) == short(job)]
+            if not match or fields.get("job_state") not in ("F", "X") or not re.fullmatch(r"-?\d+", status):
+                continue
+            code = int(status)
+            host = fields.get("exec_host", "").split("/")[0]
+            words = f"pbs: Exit_status {code}"
+            if code >= 256:
+                ends[match[0]] = JobEnd("failed", 128 + code - 256, code - 256, host, words)
+            elif code < 0:
+                ends[match[0]] = JobEnd("failed", None, None, host, words + " (PBS could not start the job)")
+            else:
+                ends[match[0]] = JobEnd("completed" if code == 0 else "failed", code,
+                                        code - 128 if 128 < code < 160 else None, host, words)
+        return ends
 
 
 @register
@@ -322,6 +474,13 @@ class GridEngine(Scheduler):
         m = re.search(r"Your job (\d+)", stdout)
         return self._checked_id(m.group(1) if m else _last_line(stdout).split(".", 1)[0], stdout)
 
+    unreachable_words = ("unable to contact qmaster", "unable to send message to qmaster", "commlib error",
+                         "Connection refused")
+    cancel_command = "qdel"
+
+    def log_path(self, logs: str, name: str, job_id: str) -> Optional[str]:
+        return f"{logs}/{_job_name(name)}.o{job_id}"  # -o LOGS/ -j y: JOB_NAME.oJOB_ID
+
     def state_command(self, job_ids: Sequence[str]) -> Optional[List[str]]:
         return ["qstat", "-u", "*"]
 
@@ -332,6 +491,37 @@ class GridEngine(Scheduler):
             if len(parts) >= 5 and parts[0] in job_ids:
                 found[parts[0]] = (self._STATES.get(parts[4], parts[4]), "")
         return found
+
+    def job_ends(self, job_ids: Sequence[str]) -> Dict[str, JobEnd]:
+        """``qacct -j ID``, once Grid Engine has written the job's accounting (``reporting_params flush_time``, 15
+        s by default, after its end). A job deleted before it started has no record."""
+        ends = {}
+        for job_id in job_ids:
+            end = self.parse_qacct(_output(["qacct", "-j", job_id]) or "")
+            if end is not None:
+                ends[job_id] = end
+        return ends
+
+    def parse_qacct(self, stdout: str) -> Optional[JobEnd]:
+        """The job's own record: the last one (with tight integration each ``qrsh -inherit`` task has a record of
+        its own, written as it ends, before the job's). ``failed`` 37/38: killed at ``h_rt``; 100: ended by a
+        signal; a ``deleted_by`` line (Altair/Univa Grid Engine): qdel."""
+        records = [r for r in re.split(r"^=+\s*$", stdout, flags=re.M) if "exit_status" in r]
+        if not records:
+            return None
+        fields = dict(line.split(None, 1) for line in records[-1].splitlines() if len(line.split(None, 1)) == 2)
+        failed = _leading_int(fields.get("failed", "")) or 0  # "100 : assumedly after job"
+        code = _leading_int(fields.get("exit_status", ""))  # "137                  (Killed)"
+        signum = code - 128 if code is not None and 128 < code < 160 else None
+        fields = {k: " ".join(v.split()) for k, v in fields.items()}
+        words = f"qacct: failed {fields.get('failed', '?')}, exit_status {fields.get('exit_status', '?')}"
+        host = fields.get("hostname", "")
+        if fields.get("deleted_by", "") not in ("", "NONE"):
+            return JobEnd("cancelled", code, signum, host, words + f", deleted by {fields['deleted_by']}")
+        if failed in (37, 38):  # qmaster / execd enforced h_rt
+            return JobEnd("timeout", code, signum, host, words)
+        state = "completed" if failed == 0 and code == 0 else "failed"
+        return JobEnd(state, code, signum, host, words)
 
 
 @register
@@ -364,16 +554,26 @@ class Local(Scheduler):
 # --- walltimes --------------------------------------------------------------------------------------------------
 
 def parse_walltime(text: str) -> int:
-    """``HH:MM:SS``, ``MM:SS`` or ``D-HH:MM:SS`` as seconds (which of them a scheduler takes: ``walltime_seconds``)."""
+    """``HH:MM:SS``, ``MM:SS`` or ``D-HH:MM:SS`` as seconds (hours may pass 24 in ``HH:MM:SS``). ValueError, saying
+    what to write, for anything else: minutes or seconds past 59 (``1:90:00``), hours past 23 after a day
+    (``1-30:00:00``), no time at all (``00:00:00``)."""
     days, _, clock = str(text).rpartition("-")
     parts = clock.split(":")
-    if not (2 <= len(parts) <= 3) or not all(p.isdigit() for p in parts) or (days and not days.isdigit()):
-        raise ValueError(f"{text!r} is not HH:MM:SS (in a YAML file, quote it: an unquoted 24:00:00 is read "
-                         f"as the number 86400)")
+    if not (2 <= len(parts) <= 3) or not all(p.isdigit() for p in parts) or (days and not days.isdigit()) \
+            or ("-" in str(text) and len(parts) != 3):
+        raise ValueError(f"{text!r} is not HH:MM:SS or D-HH:MM:SS (in a YAML file, quote it: an unquoted "
+                         f"24:00:00 is read as the number 86400)")
     seconds = 0
     for p in parts:
         seconds = seconds * 60 + int(p)
-    return seconds + int(days or 0) * 86400
+    seconds += int(days or 0) * 86400
+    values = [int(p) for p in parts]
+    if any(v > 59 for v in values[1:]) or (days and values[0] > 23):
+        raise ValueError(f"{text!r} has a field out of range (minutes and seconds 0-59, hours 0-23 after a day); "
+                         f"write {format_walltime(seconds)}")
+    if seconds == 0:
+        raise ValueError(f"{text!r} is no time at all; give the job a time limit such as 24:00:00")
+    return seconds
 
 
 def format_walltime(seconds: int) -> str:
@@ -479,6 +679,44 @@ def slurm_task_counts(spec: str, var: str = "SLURM_TASKS_PER_NODE") -> List[int]
             raise AllocationError(f"{var}: cannot read {spec!r}")
         out += [int(m.group(1))] * int(m.group(2) or 1)
     return out
+
+
+def one_line(text: str) -> str:
+    """A command's message as one line: its non-empty lines joined with '; ' (without Grid Engine's 'Exiting.')."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip() and line.strip() != "Exiting."]
+    return "; ".join(lines)
+
+
+def _run(command: List[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise QueryError(f"{command[0]}: command not found") from None
+    except (OSError, subprocess.SubprocessError) as e:
+        raise QueryError(f"{command[0]}: {e}") from None
+
+
+def _output(command: List[str], timeout: float = 60) -> Optional[str]:
+    """A command's stdout if it succeeded, else None (never raises)."""
+    try:
+        proc = _run(command, timeout)
+    except QueryError:
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _leading_int(text: str) -> Optional[int]:
+    m = re.match(r"\s*(\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def expand_first(spec: str) -> str:
+    """The first host of a Slurm node list (``node[1-2]`` -> ``node1``), or '' if it cannot be read."""
+    try:
+        hosts = expand_nodelist(spec)
+    except AllocationError:
+        return ""
+    return hosts[0] if hosts else ""
 
 
 def _last_line(text: str) -> str:

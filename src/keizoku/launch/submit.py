@@ -4,13 +4,18 @@ jobs, and record their ids.
 Files, per submission (``SID`` = UTC time of submission; ``keizoku.rundir.RunDir`` names each): ``submit/SID.sh``
 (the job script), ``submit/SID.plan.json`` (what the launch driver does), and with ``--container``
 ``submit/SID.launch/`` (a copy of the driver and what it imports, ``LAUNCH_FILES``, run by the node's own
-python3 outside the image). ``jobs.jsonl`` gets one line per job: id, chain position, the job it waits for.
+python3 outside the image). ``jobs.jsonl`` gets one line per job: id, chain position, the job it waits for, its
+log.
+
+A refused submission is tried again, after ``submit_retry_s`` waits (10 s, 30 s), only when the scheduler could not
+be reached (``Scheduler.unreachable``: nothing was queued); otherwise, or after the last try, ``SubmitError`` says
+in one line what qsub/sbatch said. If no job of the chain was queued, the job script, plan and driver copy are
+removed (nothing refers to them); the links already queued keep theirs.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -35,7 +40,13 @@ LAUNCH_FILES = tuple(Path(m.__file__) for m in (driver, schedulers, port, rundir
 
 
 class SubmitError(KeizokuError, RuntimeError):
-    pass
+    def __init__(self, message: str, todo: str = "", queued_maybe: bool = False):
+        super().__init__(message)
+        self.todo = todo  # what to do, for a failed submit command
+        self.queued_maybe = queued_maybe  # the submit command failed, yet it may have queued a job
+
+
+SUBMIT_TIMEOUT_S = 300  # qsub/sbatch that has not answered by then may or may not have queued the job
 
 
 @dataclass
@@ -46,6 +57,9 @@ class Submission:
     commands: list[list[str]] = field(default_factory=list)  # what was (or, dry, would be) run
     job_ids: list[str] = field(default_factory=list)
     exit_status: Optional[int] = None  # local profile: the last run's
+    plan_text: str = ""  # the plan's JSON
+    launch_lines: list[list[str]] = field(default_factory=list)  # dry run: what the driver would start in a job
+    training_line: list[str] = field(default_factory=list)  # dry run: each training process, as torchrun sets it
 
 
 def container_python(profile: Profile, image: Path, binds: list[str]) -> list[str]:
@@ -97,11 +111,18 @@ def submit_jobs(cfg: KeizokuConfig, config_path: Path, overrides: list[str], pro
         raise SubmitError(f"--container {container}: no such image")
     plan, spec, text = prepare_submission(cfg, config_path, overrides, profile, container=container, name=name,
                                           workdir=workdir, command=command)
-    sub = Submission(script=spec.script, plan=spec.plan, script_text=text)
+    sub = Submission(script=spec.script, plan=spec.plan, script_text=text, plan_text=plan.to_json())
     scheduler = scheduler_named(profile.scheduler)
     if dry_run:
         sub.commands = [scheduler.submit_command(profile, str(spec.script), None if i == 0 else f"<job {i}>")
                         for i in range(chain)]
+        here = (driver.visible_gpus() or 1) if not scheduler.queues_jobs else None  # the job runs here
+        sub.launch_lines = driver.launch_lines(plan, profile.nodes, scheduler.name, here)
+        nproc = plan.procs_per_node or here or "GPUS"
+        world = profile.nodes * nproc if isinstance(nproc, int) else f"{profile.nodes}xGPUS"
+        top = world - 1 if isinstance(world, int) else f"{world}-1"
+        sub.training_line = [f"RANK=0..{top}", f"WORLD_SIZE={world}", "MASTER_ADDR=NODE0", "MASTER_PORT=PORT",
+                             *plan.python, "-m", "keizoku", "train", *plan.train_args]
         return sub
     _write_files(spec, plan, text)
     if not scheduler.queues_jobs:
@@ -127,22 +148,67 @@ def _queue_chain(sub: Submission, profile: Profile, spec: JobSpec, chain: int, l
         cmd = scheduler.submit_command(profile, str(spec.script), previous)
         sub.commands.append(cmd)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=spec.workdir, timeout=300)
-        except FileNotFoundError:
-            raise SubmitError(f"{cmd[0]}: command not found (is this a {scheduler.name} login node?)") from None
-        if proc.returncode != 0:
-            raise SubmitError(f"{shlex.join(cmd)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
-                              + (f"; submitted so far: {', '.join(sub.job_ids)}" if sub.job_ids else ""))
-        job_id = scheduler.parse_job_id(proc.stdout)
+            job_id = _submit(scheduler, profile, cmd, spec.workdir, log)
+        except SubmitError as e:
+            raise SubmitError(f"{e}; {_after_failure(sub, spec, chain, e)}") from None
         sub.job_ids.append(job_id)
         append_jsonl(RunDir(spec.run_dir).job_list, {
             "job_id": job_id, "scheduler": scheduler.name, "link": link, "of": chain, "depends_on": previous,
             "submitted": time.time(), "script": str(spec.script), "plan": str(spec.plan), "nodes": profile.nodes,
-            "walltime": profile.walltime})
+            "walltime": profile.walltime, "name": spec.name,
+            "log": scheduler.log_path(str(spec.logs), spec.name, job_id)})
         log(f"submitted job {job_id}" + (f" (link {link} of {chain}, after {previous})" if previous else
                                          f" (link 1 of {chain})" if chain > 1 else ""))
         previous = job_id
     return sub
+
+
+def _submit(scheduler: schedulers.Scheduler, profile: Profile, cmd: list[str], cwd: Path, log) -> str:
+    """Run one submit command; on a refusal for want of the scheduler, again after each of ``submit_retry_s``."""
+    waits = list(profile.submit_retry_s)
+    tries = len(waits) + 1
+    fix = ("fix what it names (the profile's queue, group, directives or submit_args; keizoku submit --dry-run "
+           "shows the script) and submit again")
+    for attempt in range(1, tries + 1):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=SUBMIT_TIMEOUT_S)
+        except FileNotFoundError:
+            raise SubmitError(f"{cmd[0]}: command not found", f"run keizoku submit where {scheduler.name}'s commands "
+                              f"are (a login node)") from None
+        except subprocess.TimeoutExpired:
+            raise SubmitError(f"{cmd[0]} did not answer within {SUBMIT_TIMEOUT_S} s", queued_maybe=True) from None
+        if proc.returncode == 0:
+            try:
+                return scheduler.parse_job_id(proc.stdout)
+            except ValueError as e:
+                raise SubmitError(str(e), queued_maybe=True) from None
+        message = schedulers.one_line(proc.stderr or proc.stdout) or "(no message)"
+        if not scheduler.unreachable(message):
+            raise SubmitError(f"{cmd[0]} refused the job (exit {proc.returncode}): {message}", fix)
+        if attempt == tries:
+            waited = sum(waits)
+            raise SubmitError(f"{cmd[0]} could not reach {scheduler.name} in {tries} tr{'ies' if tries > 1 else 'y'}"
+                              + (f" over {waited:g} s" if waited else "") + f" (exit {proc.returncode}): {message}",
+                              f"submit again once {scheduler.name} answers")
+        log(f"{cmd[0]} could not reach {scheduler.name} (try {attempt} of {tries}): {message}; trying again in "
+            f"{waits[attempt - 1]:g} s")
+        time.sleep(waits[attempt - 1])
+    raise AssertionError("not reached")
+
+
+def _after_failure(sub: Submission, spec: JobSpec, chain: int, error: SubmitError) -> str:
+    """What a failed submission leaves, and what to do. Nothing queued: its files are removed."""
+    if error.queued_maybe:
+        return (f"it may have queued the job all the same: check the queue before submitting again (a second job "
+                f"would train the same run at the same time); {spec.script} is kept for it")
+    if sub.job_ids:
+        done = len(sub.job_ids)
+        return (f"jobs {', '.join(sub.job_ids)} (links 1-{done} of {chain}) are queued and keep {spec.script}; the "
+                f"other {chain - done} link(s) were not submitted: {error.todo or 'submit again'} for more links")
+    for path in (spec.script, spec.plan, spec.driver_copy):
+        if path is not None:
+            rundir.discard(path)
+    return f"nothing was queued ({spec.script.name} and its plan are removed); {error.todo or 'submit again'}"
 
 
 def _run_here(sub: Submission, profile: Profile, spec: JobSpec, chain: int, log) -> Submission:

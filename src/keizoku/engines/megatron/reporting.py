@@ -126,6 +126,8 @@ class Reporter:
         if dist.get_rank() == dist.get_world_size() - 1:
             # the console gets Bridge's own training log; keizoku prints its evaluations (``evaluate``)
             self.metrics = MetricsLogger(Path(self.cfg.run_dir).absolute(), console=False)
+            if ctx.state.train_state.step:  # resumed: the steps after the checkpoint are replayed, one record each
+                self.metrics.resume_at(ctx.state.train_state.step)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.eval_samples = self.cfg.eval.batches * self.cfg.train.micro_batch_size * self.dp_size
         if self.cfg.data.validation and not self.cfg.data.mock:

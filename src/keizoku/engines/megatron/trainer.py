@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
+from keizoku import preflight
 from keizoku.config import KeizokuConfig, save_resolved, validate
 from keizoku.engines.megatron import MegatronError
 from keizoku.rundir import ExitCode, RunDir, latest_checkpoint, write_atomic
@@ -25,7 +27,7 @@ class MegatronTrainingError(MegatronError):
     pass
 
 
-def train(cfg: KeizokuConfig) -> int:
+def train(cfg: KeizokuConfig, allow_changes: bool = False) -> int:
     from keizoku.engines.megatron import plan, reporting
 
     found = _supported_bridge()
@@ -35,9 +37,10 @@ def train(cfg: KeizokuConfig) -> int:
     callbacks = plan.has_callbacks(found.release)
     relay = reporting.WalltimeRelay(deferrable=callbacks, log=print if rank == 0 else lambda msg: None)  # from here on
     errors = validate(cfg, world_size=world)
+    errors = errors or preflight.problems(cfg)  # every rank: small files only; before the run directory is made
     if errors:
         if rank == 0:
-            print("\n".join(f"error: {e}" for e in errors), flush=True)
+            print("\n".join(f"error: {e}" for e in errors), file=sys.stderr, flush=True)
         return ExitCode.CONFIG
     missing = missing_packages(cfg)
     if missing:
@@ -45,7 +48,7 @@ def train(cfg: KeizokuConfig) -> int:
     run_dir, length = Path(cfg.run_dir).absolute(), run_length(cfg)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, run_dir)
+        save_resolved(cfg, run_dir, allow_changes=allow_changes, has_trained=_saved_step(run_dir) is not None)
         print(f"keizoku: engine megatron — {found}; world {world}, data-parallel "
               f"{plan.data_parallel_size(cfg, world)}; {length.steps} steps", flush=True)
     saved = _saved_step(run_dir) if cfg.checkpoint.resume == "auto" else None

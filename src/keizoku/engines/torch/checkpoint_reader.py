@@ -14,6 +14,11 @@ before saving). An item is read directly when its storage is exactly the chunk, 
 item (stream transforms, another serialization, a strided chunk) is read whole with ``torch.load`` (memory: that
 item), so every checkpoint reads, only some faster. A chunk must cover whole rows (FSDP shards dim 0); a
 checkpoint sharded otherwise is not streamed (``StreamError``).
+
+A damaged checkpoint — ``.metadata`` missing or unreadable, a file it lists missing or shorter than the items it
+places there, an item that does not load — raises ``CheckpointDamaged`` naming the file (``read_metadata``,
+``CheckpointReader.check_files``, ``Slice.read``). Bytes changed inside a tensor's data cannot be told from
+weights: DCP records no checksums.
 """
 
 from __future__ import annotations
@@ -36,6 +41,38 @@ class StreamError(KeizokuError, ValueError):
     """A tensor of the checkpoint cannot be read in slices (the caller reads it whole instead)."""
 
 
+class CheckpointDamaged(KeizokuError, ValueError):
+    """A file of the checkpoint is missing, shorter than ``.metadata`` says, or does not load; the message names
+    the file (``file``) and what is wrong with it."""
+
+    def __init__(self, file: Path, problem: str):
+        super().__init__(f"{file}: {problem}")
+        self.file, self.problem = Path(file), problem
+
+
+def read_metadata(path: Path):
+    """The DCP checkpoint's ``.metadata`` (torch's ``Metadata``), or CheckpointDamaged naming it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    file = Path(path) / ".metadata"
+    if not file.is_file():
+        raise CheckpointDamaged(file, "missing (it lists where every tensor of the checkpoint is stored)")
+    try:
+        return FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - unpickling a damaged file raises many kinds; all mean this
+        raise CheckpointDamaged(file, f"unreadable ({type(e).__name__}: {first_sentence(one_line(e))})") from None
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def first_sentence(text: str, limit: int = 200) -> str:
+    end = text.find(". ")
+    text = text if end < 0 else text[:end + 1]
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 @dataclass(frozen=True)
 class Slice:
     """Elements ``[start, start + numel)`` of a tensor, flattened row-major: where they are stored."""
@@ -52,12 +89,22 @@ class Slice:
         """These elements, 1-D, in the stored dtype."""
         if self.data_start is not None:
             buffer = bytearray(self.numel * self.dtype.itemsize)
-            with open(self.file, "rb", buffering=0) as f:
-                pread_into(f.fileno(), buffer, self.data_start)
+            try:
+                with open(self.file, "rb", buffering=0) as f:
+                    pread_into(f.fileno(), buffer, self.data_start)
+            except OSError as e:
+                raise CheckpointDamaged(self.file, f"cannot read {self.fqn} ({one_line(e)})") from None
             return torch.frombuffer(buffer, dtype=self.dtype)
         offset, length, first = self.item
-        with open(self.file, "rb") as f:
-            whole = torch.load(_FileRange(f, offset, length), map_location="cpu", weights_only=True)
+        try:
+            with open(self.file, "rb") as f:
+                whole = torch.load(_FileRange(f, offset, length), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged item fails torch.load in many ways; all mean this
+            raise CheckpointDamaged(self.file, f"its item {self.fqn} (bytes {offset}-{offset + length}) does not "
+                                               f"load ({type(e).__name__}: {first_sentence(one_line(e))})") from None
+        if not isinstance(whole, torch.Tensor) or whole.numel() < first + self.numel:
+            raise CheckpointDamaged(self.file, f"its item {self.fqn} (bytes {offset}-{offset + length}) is not the "
+                                               "tensor .metadata describes")
         return whole.reshape(-1)[first:first + self.numel].clone()
 
 
@@ -65,15 +112,30 @@ class CheckpointReader:
     """The tensors of one DCP checkpoint directory (``.metadata`` read once)."""
 
     def __init__(self, path: Path):
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.path = Path(path)
-        metadata = FileSystemReader(str(path)).read_metadata()
+        metadata = read_metadata(self.path)
         self.tensors = metadata.state_dict_metadata
         self.items: dict[str, list] = {}
         for index, info in metadata.storage_data.items():
             self.items.setdefault(index.fqn, []).append((tuple(index.offset or ()), info))
         self._located: dict[tuple[str, int], tuple[int, int] | None] = {}  # (file, item offset) → data start
+
+    def check_files(self, prefix: str = "") -> None:
+        """Every file holding the items of the tensors named ``prefix…`` is there and as long as ``.metadata`` says
+        (a stat per file): CheckpointDamaged otherwise, before anything is read."""
+        ends: dict[str, int] = {}
+        for fqn, items in self.items.items():
+            if fqn.startswith(prefix):
+                for _, info in items:
+                    ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for name, end in sorted(ends.items()):
+            file = self.path / name
+            try:
+                size = file.stat().st_size
+            except FileNotFoundError:
+                raise CheckpointDamaged(file, "missing (.metadata lists it)") from None
+            if size < end:
+                raise CheckpointDamaged(file, f"truncated: {size} bytes, where .metadata places data up to byte {end}")
 
     def dtype(self, fqn: str) -> torch.dtype:
         return self.tensors[fqn].properties.dtype
@@ -207,6 +269,13 @@ class _FileRange:
         data = self.f.read(n)
         self.pos += len(data)
         return data
+
+    def readline(self, size: int = -1) -> bytes:  # torch.load's legacy (non-zip) path reads a pickle from it
+        limit = self.length - self.pos if size is None or size < 0 else min(size, self.length - self.pos)
+        self.f.seek(self.start + self.pos)
+        line = self.f.readline(limit)
+        self.pos += len(line)
+        return line
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))

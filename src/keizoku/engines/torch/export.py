@@ -30,10 +30,17 @@ Verification, before the export is published (a failed one leaves nothing at ``o
   fp32 copy): transformers loads the export in fp32; its logits on probe sequences must equal (max |Δ| ≤
   ``MAX_LOGIT_DIFF``) those of the same model after its weights are overwritten with the checkpoint's, rounded to
   the output dtype — which checks that transformers reads every tensor where the checkpoint had it.
+
+Faults, each an ExportError of one line naming the file and what to do, before anything is written where it can be
+avoided: a damaged checkpoint (``.metadata``, a shard file or ``trainer_state.json`` missing, a shard shorter than
+``.metadata`` says, an item that does not load: ``checkpoint_reader.CheckpointDamaged``) names the run's other
+complete checkpoints to export with ``--step``; a run without its copy of the base model whose ``model.hf_path`` is
+gone names the key and ``config.yaml``. The run directory is the one given, wherever it was moved or copied to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -47,10 +54,10 @@ import torch
 from keizoku import base_model
 from keizoku.config import load_config
 from keizoku.engines import ExportError, checkpoint_to_export
-from keizoku.engines.torch.checkpoint import read_trainer_state
-from keizoku.engines.torch.checkpoint_reader import CheckpointReader, Slice, pread_into
+from keizoku.engines.torch.checkpoint import TRAINER_STATE, read_trainer_state
+from keizoku.engines.torch.checkpoint_reader import CheckpointDamaged, CheckpointReader, Slice, one_line, pread_into
 from keizoku.hf import config_dtype, load_causal_lm, saved_form, set_config_dtype, tied_names
-from keizoku.rundir import EXPORT_RECORD, RunDir, discard, publish, staging_path
+from keizoku.rundir import EXPORT_RECORD, RunDir, committed_checkpoints, discard, publish, staging_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_SHARD_BYTES = 5 * 10**9  # as transformers 4.x's save_pretrained (5.x: 50 GB): hub models come in such shards
@@ -69,9 +76,20 @@ def export(run_dir: Path, out: Path, step: int | None = None, verify: bool = Tru
     fp32); ``verify``: the tensors, and the logits when ``verify_logits`` (None: for small models). Returns what
     ``out/keizoku_export.json`` records."""
     run_dir, out = Path(run_dir), Path(out)
-    cfg = load_config(RunDir(run_dir).config)
+    # the run as it lies now: a run directory moved or copied reads its own base-model/, not config.yaml's run_dir's
+    cfg = dataclasses.replace(load_config(RunDir(run_dir).config), run_dir=str(run_dir))
     saved = checkpoint_to_export(run_dir, step, "torch")
-    config_dir = base_model.model_dir(cfg)
+    try:
+        return _export(cfg, run_dir, saved, out, verify, log, dtype, verify_logits)
+    except CheckpointDamaged as e:
+        raise ExportError(f"{e}: checkpoint step {saved.step} is damaged; {_what_else(run_dir, saved)}") from None
+
+
+def _export(cfg, run_dir: Path, saved, out: Path, verify: bool, log, dtype: str, verify_logits: bool | None) -> dict:
+    trainer_state = _trainer_state(saved.path)
+    CheckpointReader(saved.path).check_files("model.")  # a damaged checkpoint fails here, before anything is built
+    config_dir = _base_model_dir(cfg, run_dir)
+    tokenizer = _load_tokenizer(cfg, run_dir)  # before the weights: a missing tokenizer fails at once
     plan = make_plan(cfg.model, config_dir, saved.path, output_dtype(config_dir, dtype))
     staged = staging_path(out)
     discard(staged)
@@ -80,13 +98,12 @@ def export(run_dir: Path, out: Path, step: int | None = None, verify: bool = Tru
         start = time.perf_counter()
         verified = write_weights(plan, staged, verify)
         write_configs(plan, staged)
-        _write_tokenizer(base_model.tokenizer_dir(cfg), staged, cfg.model.trust_remote_code)
+        tokenizer.save_pretrained(staged)
         log(f"wrote {len(plan.tensors)} tensors ({plan.total_bytes / 1e9:.2f} GB of {_name(plan.dtype)}) in "
             f"{len(plan.files)} file(s) in {time.perf_counter() - start:.1f} s")
         if verify:
             log(f"verified: every exported tensor equals the checkpoint's in {_name(plan.dtype)} ({verified} "
                 "tensors, each slice read back as written)")
-        trainer_state = read_trainer_state(saved.path)
         info = {"run_dir": str(run_dir.absolute()), "checkpoint": saved.path.name, "step": trainer_state["step"],
                 "consumed_tokens": trainer_state["consumed_tokens"], "base_model": cfg.model.hf_path,
                 "dtype": _name(plan.dtype), "parameters": plan.parameters}
@@ -100,6 +117,73 @@ def export(run_dir: Path, out: Path, step: int | None = None, verify: bool = Tru
         raise
     log(f"exported {saved.path} (step {info['step']}) to {out}")
     return info
+
+
+def _what_else(run_dir: Path, saved) -> str:
+    """What to do about a damaged checkpoint: export another one of the run."""
+    others = [c.step for c in committed_checkpoints(run_dir, "torch") if c.path != saved.path]
+    if not others:
+        return "the run has no other complete checkpoint to export"
+    earlier = [n for n in others if n < saved.step]
+    pick = earlier[-1] if earlier else others[-1]
+    return (f"export {'an earlier' if earlier else 'another'} checkpoint with --step {pick} (the run's other "
+            f"complete checkpoint{'s' if len(others) > 1 else ''}: step{'s' if len(others) > 1 else ''} "
+            f"{', '.join(map(str, others))})")
+
+
+def _trainer_state(checkpoint: Path) -> dict:
+    """The checkpoint's trainer_state.json (its step and tokens), or CheckpointDamaged naming it."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = read_trainer_state(checkpoint)
+        if not isinstance(state, dict):
+            raise TypeError("not a JSON object")
+        return {"step": int(state["step"]), "consumed_tokens": int(state["consumed_tokens"])}
+    except FileNotFoundError:
+        raise CheckpointDamaged(path, "missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointDamaged(path, f"unreadable ({type(e).__name__}: {one_line(e)})") from None
+
+
+def _base_model_dir(cfg, run_dir: Path) -> str:
+    """Where export reads the base model's config: the run's copy, or model.hf_path for a run without one — where
+    it is a local path, it must still be there."""
+    found, copy = base_model.model_dir(cfg), RunDir(run_dir).base_model
+    if found == str(copy):
+        if not (copy / "config.json").is_file():
+            raise ExportError(f"{copy / 'config.json'}: missing from the run's copy of its base model; copy the base "
+                              f"model's config.json there (model.hf_path: {cfg.model.hf_path})")
+        return found
+    if _local_path(found) and not (Path(found).expanduser() / "config.json").is_file():
+        raise ExportError(
+            f"{run_dir}: export needs the base model's config.json and tokenizer: the run has no copy of them "
+            f"({RunDir(run_dir).base_model} is missing) and model.hf_path ({found}, in {RunDir(run_dir).config}) "
+            f"has no config.json; put the base model back at {found}, or set model.hf_path in "
+            f"{RunDir(run_dir).config} to where it is now")
+    return found
+
+
+def _load_tokenizer(cfg, run_dir: Path):
+    """The tokenizer export writes beside the model: the run's copy, or model.tokenizer / model.hf_path."""
+    from transformers import AutoTokenizer
+
+    source = base_model.tokenizer_dir(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; all mean "cannot load"
+        copy = RunDir(run_dir).base_model / base_model.TOKENIZER_DIR
+        where = f"{copy}, the run's copy," if source == str(copy) else \
+            f"{source} ({'model.tokenizer' if cfg.model.tokenizer else 'model.hf_path'} in {RunDir(run_dir).config}; " \
+            f"the run has no copy in {copy})"
+        raise ExportError(f"{where} does not load as a tokenizer ({type(e).__name__}: {one_line(e)[:300]}); export "
+                          f"writes the tokenizer beside the model: copy the base model's tokenizer files into {copy}"
+                          ) from None
+
+
+def _local_path(name_or_path: str) -> bool:
+    """Whether a model.hf_path names a local directory (else it may be a hub id), as keizoku.base_model reads it."""
+    return Path(name_or_path).expanduser().exists() or Path(name_or_path).is_absolute() \
+        or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
 
 
 def output_dtype(config_dir: str, asked: str) -> torch.dtype:
@@ -198,9 +282,8 @@ def _layer_of(name: str) -> str:
 
 
 def _check_checkpoint_holds(checkpoint: Path, sources: dict) -> None:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    """The checkpoint has every tensor of the model, in its shape."""
+    stored = CheckpointReader(checkpoint).tensors
     for name, t in sources.items():
         found = stored.get(f"model.{name}")
         if found is None or not hasattr(found, "size"):
@@ -226,10 +309,20 @@ def _load_into(state: dict[str, torch.Tensor], checkpoint: Path) -> None:
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    with warnings.catch_warnings():  # that one process reads it is the intent, not a mistake to warn of
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
+    try:
+        with warnings.catch_warnings():  # that one process reads it is the intent, not a mistake to warn of
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
+    except (CheckpointException, Exception) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        failures = getattr(e, "failures", None) or {}
+        cause = next((pair[0] for pair in failures.values()), e)  # DCP wraps each rank's own error
+        if isinstance(cause, CheckpointDamaged):
+            raise cause from None
+        file = Path(getattr(cause, "filename", None) or checkpoint)
+        raise CheckpointDamaged(file, f"torch.distributed.checkpoint cannot load it ({type(cause).__name__}: "
+                                      f"{one_line(cause)[:300]})") from None
 
 
 def write_weights(plan: ExportPlan, out: Path, verify: bool) -> int:
@@ -425,12 +518,6 @@ def write_configs(plan: ExportPlan, out: Path) -> None:
     if _remote_code(plan):
         for code in Path(source).glob("*.py"):
             shutil.copyfile(code, out / code.name)
-
-
-def _write_tokenizer(source: str, out: Path, trust_remote_code: bool) -> None:
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(out)
 
 
 # --- verification -----------------------------------------------------------------------------------------------

@@ -3,9 +3,15 @@
 Megatron-Bridge's recipes silently train from random weights (Megatron-Bridge issue #1419); keizoku loads
 ``model.hf_path`` with ``AutoModelForCausalLM.from_pretrained`` and refuses a checkpoint whose weights do not
 cover the model (transformers would initialise the missing tensors at random and only warn).
+
+Attention (``model.attn_implementation``): ``auto`` leaves the choice to transformers — sdpa where the model
+supports it, else eager (Gemma-2: sdpa cannot soft-cap its attention logits); a value the model cannot use is
+refused naming the key and the value ``auto`` would take (``attention_refused``).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -29,16 +35,20 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int =
         raise ModelLoadError("model.hf_path: required — the Hugging Face model to continue from")
     common = dict(trust_remote_code=cfg.trust_remote_code)
     try:
+        config = AutoConfig.from_pretrained(cfg.hf_path, **common)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.hf_path: cannot load {cfg.hf_path!r}: {_one_line(e)}") from e
+    _check_attention(cfg, config)
+    try:
         if cfg.init == "random":
-            config = AutoConfig.from_pretrained(cfg.hf_path, **common)
-            config._attn_implementation = cfg.attn_implementation
+            config._attn_implementation = attn_implementation(cfg)
             torch.manual_seed(seed)
             with torch.device(device):
                 return AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype), **common)
-        model, info = load_causal_lm(cfg.hf_path, dtype, attn_implementation=cfg.attn_implementation,
+        model, info = load_causal_lm(cfg.hf_path, dtype, attn_implementation=attn_implementation(cfg),
                                      output_loading_info=True, **common)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model.hf_path: cannot load {cfg.hf_path!r}: {e}") from e
+        raise ModelLoadError(f"model.hf_path: cannot load {cfg.hf_path!r}: {_one_line(e)}") from e
     missing = sorted(info.get("missing_keys", []))  # tied weights are not reported missing
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
@@ -51,17 +61,70 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int =
 def model_skeleton(cfg: ModelConfig, config_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The architecture of the model in ``config_dir`` on the meta device: no memory, no initialisation
     (``weights`` fills it once it is sharded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if not config_dir:
         raise ModelLoadError("model.hf_path: required — the Hugging Face model to continue from")
     try:
         config = AutoConfig.from_pretrained(config_dir, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model.hf_path: cannot load {config_dir!r}: {e}") from e
-    config._attn_implementation = cfg.attn_implementation
+        raise ModelLoadError(f"model.hf_path: cannot load {config_dir!r}: {_one_line(e)}") from e
+    _check_attention(cfg, config)
+    try:
+        return _on_meta(config, attn_implementation(cfg), cfg.trust_remote_code, dtype)
+    except (ValueError, ImportError) as e:
+        raise ModelLoadError(f"model.hf_path: transformers cannot build the model of {config_dir}: "
+                             f"{_one_line(e)}") from e
+
+
+def attn_implementation(cfg: ModelConfig) -> str | None:
+    """``model.attn_implementation`` as transformers takes it: None for auto (transformers chooses: sdpa where the
+    model supports it, else eager)."""
+    return None if cfg.attn_implementation == "auto" else cfg.attn_implementation
+
+
+def _on_meta(config, attention: str | None, trust_remote_code: bool, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = attention
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype), trust_remote_code=cfg.trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype), trust_remote_code=trust_remote_code)
+
+
+def _check_attention(cfg: ModelConfig, config) -> None:
+    """A ModelLoadError naming model.attn_implementation when the model cannot use the one asked for but builds with
+    auto (transformers checks it as it builds the model: here on the meta device, which costs nothing)."""
+    asked = attn_implementation(cfg)
+    if asked is None:
+        return
+    try:
+        _on_meta(copy.deepcopy(config), asked, cfg.trust_remote_code)
+        return
+    except (ValueError, ImportError, OSError, RuntimeError) as e:
+        why = _one_line(e)
+    try:
+        model = _on_meta(copy.deepcopy(config), None, cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - the model does not build whatever its attention: not the key's fault
+        return
+    raise attention_refused(cfg, type(model).__name__, model.config._attn_implementation, why)
+
+
+def attention_refused(cfg: ModelConfig, model_class: str, chosen: str, why: str) -> ModelLoadError:
+    """The error for an attention implementation the model cannot use: the key, the value, and the one to use
+    (``chosen``: what auto takes for the model)."""
+    return ModelLoadError(f"model.attn_implementation: {cfg.attn_implementation!r}: {model_class} cannot use it "
+                          f"(transformers: {_first_sentence(why)}); set model.attn_implementation: {chosen}, or auto "
+                          f"(the model's own choice: {chosen} here)")
+
+
+def _first_sentence(text: str, limit: int = 300) -> str:
+    end = text.find(". ")
+    text = text if end < 0 else text[:end + 1]
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -18,6 +18,7 @@ finish the step, save and exit ``ExitCode.STOPPED``. Runs the same on a laptop C
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -29,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from keizoku import base_model
-from keizoku.config import KeizokuConfig, reshard_after_forward, save_resolved, unsharded_grad_accumulation, validate
+from keizoku import base_model, preflight
+from keizoku.config import ConfigError, KeizokuConfig, reshard_after_forward, save_resolved, unsharded_grad_accumulation, validate
 from keizoku.data import blend
 from keizoku.errors import KeizokuError
 from keizoku.engines.torch import TrainingError, checkpoint, float8, parallel, profiling, weights
@@ -43,7 +44,7 @@ from keizoku.rundir import ExitCode, RunDir, latest_checkpoint, remove_staged
 from keizoku.schedule import LRSchedule, run_length
 
 
-def train(cfg: KeizokuConfig) -> int:
+def train(cfg: KeizokuConfig, allow_changes: bool = False) -> int:
     # growable allocator segments: large models at the edge of GPU memory fragment it less (read when CUDA starts)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     d = parallel.setup_distributed(cfg)
@@ -51,28 +52,36 @@ def train(cfg: KeizokuConfig) -> int:
         errors = validate(cfg, world_size=d.world)
         if errors:
             if d.rank == 0:
-                print("\n".join(f"error: {e}" for e in errors), flush=True)
+                print("\n".join(f"error: {e}" for e in errors), file=sys.stderr, flush=True)
             return ExitCode.CONFIG
         run = RunDir(cfg.run_dir)
         problem = [None]
         if d.rank == 0:
-            run.path.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, run.path)
-            remove_staged(run.checkpoints)  # what killed saves left; no save is in flight before the broadcast
-            try:
-                base_model.snapshot(cfg)  # the run's own copy of the base model's config and tokenizer
-                mismatches = base_model.mismatches(cfg)
-                problem = [(ExitCode.CONFIG, mismatches)] if mismatches else [None]
-            except KeizokuError as e:
-                problem = [(ExitCode.FAILED, [str(e)])]
+            found = preflight.problems(cfg)  # before anything is written: a failed start leaves no run behind
+            if found:
+                problem = [(ExitCode.CONFIG, found)]
+            else:
+                try:
+                    base_model.snapshot(cfg)  # the run's own copy of the base model's config and tokenizer
+                    save_resolved(cfg, run.path, allow_changes=allow_changes,
+                                  has_trained=latest_checkpoint(run.path) is not None)
+                    remove_staged(run.checkpoints)  # what killed saves left; no save is in flight before the broadcast
+                except ConfigError as e:
+                    problem = [(ExitCode.CONFIG, [str(e)])]
+                except KeizokuError as e:
+                    problem = [(ExitCode.FAILED, [str(e)])]
         dist.broadcast_object_list(problem, src=0)  # also the barrier: the run directory is ready
         if problem[0]:
             code, messages = problem[0]
             if d.rank == 0:
                 print("\n".join(f"error: {m}" for m in messages), file=sys.stderr, flush=True)
             return code
-        stop = StopRequest()
+        stop = StopRequest(announce=d.rank == 0)
         metrics = _metrics_logger(cfg, run) if d.rank == 0 else None
+        if metrics is not None:
+            for line in run.where(cfg.checkpoint.interval, cfg.checkpoint.keep_last, cfg.checkpoint.save_at_end,
+                                  metrics.tb is not None):
+                print(f"keizoku: {line}", flush=True)
         checkpointer = checkpoint.Checkpointer(run.path, cfg.checkpoint.keep_last, cfg.checkpoint.background)
         try:
             return Trainer(cfg, d, run, metrics, stop).train(checkpointer)
@@ -86,15 +95,30 @@ def train(cfg: KeizokuConfig) -> int:
 
 
 class StopRequest:
-    """Records SIGTERM/SIGUSR1/SIGUSR2; the loop stops at the end of the step in which every rank has heard of it."""
+    """Records SIGTERM/SIGUSR1/SIGUSR2 and a first Ctrl-C (SIGINT); the loop saves and stops at the end of the step
+    in which every rank has heard of it. A second Ctrl-C aborts at once (KeyboardInterrupt: exit 130; the newest
+    complete checkpoint is untouched)."""
 
-    def __init__(self):
+    def __init__(self, announce: bool):
         self.signal: int | None = None
+        self.announce = announce
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self._handle)
+        signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
+
+    def _interrupt(self, signum, frame) -> None:
+        if self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.announce:
+            print("keizoku: Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again aborts without saving)",
+                  file=sys.stderr, flush=True)
+
+    def name(self) -> str:
+        return "Ctrl-C" if self.signal == signal.SIGINT else signal.Signals(self.signal).name
 
 
 @dataclass
@@ -132,6 +156,7 @@ class Trainer:
 
         self.resumed_from = self._checkpoint_to_resume()
         self.model, self.lm_loss = self._build_model()
+        self.vocab_rows = self.model.get_input_embeddings().num_embeddings  # ids past it: a clear error, not an index one
         self.optimizer = adamw(self.model, cfg.optim, d.device.type)
         schedule = LRSchedule.of(cfg.optim, cfg.schedule, self.length.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule.factor_at)
@@ -246,6 +271,8 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(batches)
             data_s += time.perf_counter() - t0
+            preflight.check_token_ids(batch["tokens"], self.vocab_rows,
+                                      f"data.blend: a sample of step {self.state.step + 1}")
             tokens = batch["tokens"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16 and not self.cuda):
@@ -295,6 +322,7 @@ class Trainer:
         for name, dataset in self.valid.items():
             total = torch.zeros(2, device=self.d.device)
             for batch in self._loader(dataset, 0, self.eval_samples, 0, False):
+                preflight.check_token_ids(batch["tokens"], self.vocab_rows, f"data.validation.{name}: a sample")
                 tokens, labels = batch["tokens"].to(self.d.device), batch["labels"].to(self.d.device)
                 total[0] += self.lm_loss(tokens, labels)
                 total[1] += labels.numel()
@@ -316,7 +344,12 @@ class Trainer:
     def train(self, checkpointer: checkpoint.Checkpointer) -> int:
         cfg, steps, self.checkpointer = self.cfg, self.length.steps, checkpointer
         if self.state.step >= steps:
-            self._say(f"training is complete ({self.state.step} of {steps} steps)")
+            if self._final_evaluation_missing():
+                self._say(f"training is complete ({self.state.step} of {steps} steps); its final evaluation is "
+                          "missing: evaluating")
+                self._log("eval", self.evaluate())
+            else:
+                self._say(f"training is complete ({self.state.step} of {steps} steps)")
             return ExitCode.OK
         if cfg.eval.at_start and self.valid and self.state.step == 0:
             self._log("eval", self.evaluate())
@@ -339,14 +372,26 @@ class Trainer:
             if result.stop_requested or last and cfg.checkpoint.save_at_end or \
                     cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 self.save()
-            if result.stop_requested:
+            if result.stop_requested and not last:  # at the last step the run is done: it finishes as below
                 self.checkpointer.wait()
-                self._say(f"signal {self.stop.signal}: saved step {step}; resubmit to continue")
+                self._say(f"{self.stop.name()}: saved step {step}; run again to continue")
                 return ExitCode.STOPPED
         if self.valid:
             self._log("eval", self.evaluate())  # while the last checkpoint is written
         self.checkpointer.wait()
         return ExitCode.OK
+
+    def _final_evaluation_missing(self) -> bool:
+        """A finished run whose final evaluation is not in metrics.jsonl (killed after its last save): rank 0 reads,
+        every rank learns."""
+        missing = [False]
+        if self.metrics is not None and self.valid:
+            path = self.run.metrics
+            records = (json.loads(line) for line in path.read_text().splitlines() if line.strip()) \
+                if path.exists() else iter(())
+            missing = [not any(r.get("kind") == "eval" and r.get("step") == self.state.step for r in records)]
+        dist.broadcast_object_list(missing, src=0)
+        return missing[0]
 
     def _train_values(self, result: StepResult, elapsed: float) -> dict:
         per_s = self.tokens_per_step / elapsed
