@@ -18,7 +18,7 @@ SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_l
 # One run of the real loading path: skeleton on meta → FSDP2 → each rank's shards filled; rank 0 writes the full
 # weights, buffers and the loss on a probe sequence, every rank its bytes read.
 SCRIPT = r"""
-import json, sys
+import json, os, sys
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -50,6 +50,8 @@ if d.rank == 0:
     torch.save({"weights": full, "buffers": {k: v.clone() for k, v in model.named_buffers()}, "loss": loss}, out)
 print(json.dumps({"rank": d.rank, "read": report.bytes_read if report else 0, "total": report.bytes_total if report else 0}))
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as keizoku's CLI leaves (cli.app.leave): gloo's C++ threads can abort the interpreter's teardown
 """
 
 
