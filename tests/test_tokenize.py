@@ -343,3 +343,20 @@ def test_concurrent_runs_share_one_manifest(tmp_path, tokenizer_dirs, ja_texts):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     manifest = json.loads((out / "keizoku-manifest.json").read_text())
     assert sorted(manifest["datasets"]) == [f"shard{i}_text_document" for i in range(4)]
+
+
+def test_ids_fingerprint_is_the_tokenizers_however_it_was_loaded(tmp_path, tokenizer_dirs):
+    """The file's JSON and transformers' re-serialisation of it (save_pretrained) may differ as text (then their
+    tokenizer_fingerprint does); ids_fingerprint, which compares a dataset's tokenizer with a model's, does not, and
+    is computed once per tokenizer text (then read from the cache)."""
+    from transformers import AutoTokenizer
+
+    from keizoku.data.tokenizer import _cache_dir, ids_fingerprint, load_tokenizer, tokenizer_fingerprint
+
+    AutoTokenizer.from_pretrained(str(tokenizer_dirs["sample"])).save_pretrained(tmp_path / "saved")
+    original, saved = load_tokenizer(str(tokenizer_dirs["sample"])), load_tokenizer(str(tmp_path / "saved"))
+    assert ids_fingerprint(original) == ids_fingerprint(saved)
+    cached = _cache_dir() / f"ids-fingerprint-{tokenizer_fingerprint(original)[:32]}.txt"
+    assert cached.read_text() == ids_fingerprint(original)
+    other = load_tokenizer(str(tokenizer_dirs["llm-jp-3"]))
+    assert ids_fingerprint(other) != ids_fingerprint(original)
