@@ -110,4 +110,11 @@ def test_cli(tmp_path):
                   "train.global_batch_size=4").stdout
     assert "global_batch_size: 4" in out
     assert keizoku("config", "defaults").stdout == defaults_yaml()
+    # the README's command: the example's settings, without its model and data (not on this machine)
+    example = ROOT / "examples/llama31_8b_cpt.yaml"
+    assert "global_batch_size: 512" in keizoku("config", "check", example, "train.global_batch_size=512",
+                                               "--no-inputs").stdout
+    proc = keizoku("config", "check", example, check=False)  # with them: each missing one named
+    assert proc.returncode == 1 and "model.hf_path: 'meta-llama/Llama-3.1-8B'" in proc.stderr
+    assert "data.validation.en[0].path: no dataset tokenized/en-valid" in proc.stderr
     assert Path(ROOT / "examples/llama31_8b_cpt.yaml").exists()

@@ -53,12 +53,12 @@ def problems(cfg: KeizokuConfig) -> list[str]:
     from keizoku import base_model
 
     found = _model_files(cfg)
-    if found:
-        return found
-    model_config = _model_config(cfg)
-    found += _positions(cfg, model_config) + _attention(cfg)
+    model_ok = not found  # else the datasets' paths are still checked, not what they need of the model
+    model_config = _model_config(cfg) if model_ok else {}
+    if model_ok:
+        found += _positions(cfg, model_config) + _attention(cfg)
     run_tokenizer = None
-    if cfg.data.blend or cfg.data.validation:
+    if model_ok and (cfg.data.blend or cfg.data.validation):
         try:
             from keizoku.data.tokenizer import ids_fingerprint, load_tokenizer, tokenizer_fingerprint
 

@@ -185,9 +185,12 @@ def config_defaults() -> None:
 def config_check(
     path: Annotated[Path, typer.Argument(help="A keizoku YAML config.", show_default=False)],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.", show_default=False)] = None,
+    inputs: Annotated[bool, typer.Option("--inputs/--no-inputs", help="Also check what the config names, as train "
+                                         "does before it starts: the model and tokenizer, every dataset, their "
+                                         "vocabulary and tokenizer against the model's. --no-inputs: the settings "
+                                         "only (a config for another machine).")] = True,
 ) -> None:
-    """Validate CONFIG with overrides (and against the base model's config.json where it is local), and print the
-    resolved configuration.
+    """Validate CONFIG with overrides and the inputs it names, and print the resolved configuration.
 
     Each problem is one line naming the file's line and key (FILE:LINE:COL: key: ...), the override
     (override key.path=value: ...) or the setting. Exit status: 0 valid, 1 not valid (keizoku train exits 2 on the
@@ -197,7 +200,7 @@ def config_check(
     from keizoku.preflight import problems as preflight_problems
 
     cfg = load_config_or_exit(path, overrides, exit_code=ExitCode.FAILED)
-    problems = preflight_problems(cfg)
+    problems = preflight_problems(cfg) if inputs else []
     for problem in problems:
         error(problem)
     if problems:
