@@ -138,7 +138,8 @@ def submit(
     sets = list(set_ or []) + ([f"nodes={nodes}"] if nodes else []) + ([f"walltime={walltime}"] if walltime else [])
     prof = _launch_profile(profile, sets)
     try:
-        result = submit_jobs(cfg, config, [*(overrides or []), *["--allow-changes"] * allow_changes], prof, chain=chain, container=container,
+        train_args = [*(overrides or []), *["--allow-changes"] * allow_changes]
+        result = submit_jobs(cfg, config, train_args, prof, chain=chain, container=container,
                              dry_run=dry_run, name=name, command=shlex.join(["keizoku", "submit", *sys.argv[2:]]),
                              log=log)
     except (KeizokuError, ValueError, OSError) as e:  # ValueError: a job id the scheduler's output did not give

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from keizoku import base_model, preflight
-from keizoku.config import ConfigError, KeizokuConfig, reshard_after_forward, save_resolved, unsharded_grad_accumulation, validate
+from keizoku.config import (ConfigError, KeizokuConfig, reshard_after_forward, save_resolved,
+                            unsharded_grad_accumulation, validate)
 from keizoku.data import blend
 from keizoku.errors import KeizokuError
 from keizoku.engines.torch import TrainingError, checkpoint, float8, parallel, profiling, weights
@@ -156,7 +157,8 @@ class Trainer:
 
         self.resumed_from = self._checkpoint_to_resume()
         self.model, self.lm_loss = self._build_model()
-        self.vocab_rows = self.model.get_input_embeddings().num_embeddings  # ids past it: a clear error, not an index one
+        # a batch with ids past the embedding: a clear error, not an index error in the embedding
+        self.vocab_rows = self.model.get_input_embeddings().num_embeddings
         self.optimizer = adamw(self.model, cfg.optim, d.device.type)
         schedule = LRSchedule.of(cfg.optim, cfg.schedule, self.length.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule.factor_at)
