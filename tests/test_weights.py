@@ -48,7 +48,8 @@ with torch.no_grad():  # through the FSDP root, as training runs it: the summed 
     loss = lm(probe[:, :-1], probe[:, 1:])
 if d.rank == 0:
     torch.save({"weights": full, "buffers": {k: v.clone() for k, v in model.named_buffers()}, "loss": loss}, out)
-print(json.dumps({"rank": d.rank, "read": report.bytes_read if report else 0, "total": report.bytes_total if report else 0}))
+with open(f"{out}.rank{d.rank}.json", "w") as f:  # a file per rank: two ranks' prints may interleave on one pipe
+    json.dump({"rank": d.rank, "read": report.bytes_read if report else 0, "total": report.bytes_total if report else 0}, f)
 dist.destroy_process_group()
 sys.stdout.flush()
 os._exit(0)  # as keizoku's CLI leaves (cli.app.leave): gloo's C++ threads can abort the interpreter's teardown
@@ -64,8 +65,8 @@ def run_loader(tmp_path: Path, model_dir: Path, nproc: int, init: str = "pretrai
         [sys.executable, str(script), str(model_dir), str(out), init]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')]
-    return torch.load(out, weights_only=False), sorted(reports, key=lambda r: r["rank"])
+    reports = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(nproc)]
+    return torch.load(out, weights_only=False), reports
 
 
 def save_tiny(kind: str, path: Path, dtype=torch.float32) -> torch.nn.Module:
