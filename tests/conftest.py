@@ -98,3 +98,19 @@ def tiny_llama_and_data(base: Path, samples=(JA_SAMPLE, EN_SAMPLE), **shape) -> 
         shutil.copy(SAMPLE_TOKENIZER / f, base / "model" / f)
     keizoku("tokenize", *samples, "-t", SAMPLE_TOKENIZER, "-o", base / "data", "-q")
     return base
+
+
+def write_corpus(d: Path, ja: list[str], en: list[str], bad_lines: bool = False) -> Path:
+    """Inputs for sharded runs: a gzip file, a large plain .jsonl (cut into byte ranges), a small one whose last line
+    has no newline, and an empty one; ``bad_lines``: a malformed line, a blank one and one without the key in the
+    large file, each in another third of it."""
+    d.mkdir(parents=True, exist_ok=True)
+    write_jsonl(d / "a.jsonl.gz", [{"text": t} for t in ja[:100]])
+    big = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in ja[100:] + en[:200]]
+    if bad_lines:
+        big[50], big[300], big[420] = b'{"text": broken', b"", b'{"title": "no text"}'
+    (d / "big.jsonl").write_bytes(b"\n".join(big) + b"\n")
+    (d / "c.jsonl").write_bytes(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in en[200:260])
+                                + b'{"text": "the last line, without a newline"}')
+    (d / "empty.jsonl").write_bytes(b"")
+    return d

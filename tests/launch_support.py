@@ -83,3 +83,27 @@ def logs(run_dir: Path) -> str:
 def cli(*args, env: dict | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "keizoku", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+
+
+def sharded_tokenize(tmp_path: Path, ja_texts: list[str], en_texts: list[str], profile: dict, tasks: int,
+                     output: list[str], reference: dict) -> tuple[list[str], Path, list[str]]:
+    """`keizoku submit tokenize --tasks N` of the sharded-run corpus (conftest.write_corpus) with this scheduler
+    profile, and one local run over the same inputs for reference: (the job ids it printed, the inputs, the
+    reference's dataset prefixes)."""
+    from conftest import SAMPLE_TOKENIZER, write_corpus
+
+    from keizoku.data.tokenize import TokenizeOptions, tokenize
+
+    inputs = write_corpus(tmp_path / "in", ja_texts, en_texts)
+    one = tokenize(TokenizeOptions([str(inputs)], str(SAMPLE_TOKENIZER), workers=1, **reference), progress=False,
+                   log=lambda msg: None)
+    prof = tmp_path / "tokenize-profile.yaml"
+    prof.write_text(yaml.safe_dump(profile))
+    proc = cli("submit", "tokenize", "--profile", prof, "--tasks", tasks, "--", inputs, "-t", SAMPLE_TOKENIZER,
+               *output, "-j", "1", cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    return proc.stdout.split(), inputs, [d.prefix for d in one.datasets]
+
+
+def same_dataset(a: str, b: str) -> bool:
+    return all(Path(a + ext).read_bytes() == Path(b + ext).read_bytes() for ext in (".bin", ".idx"))

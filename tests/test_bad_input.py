@@ -113,3 +113,48 @@ def test_parquet_null_and_missing_column(tmp_path, tokenizer_dirs):
     proc = keizoku("tokenize", tmp_path / "n.parquet", "-t", tokenizer_dirs["sample"], "-o", tmp_path / "o",
                    "-k", "body", check=False)
     assert proc.returncode == 1 and "no column 'body' (columns: text)" in proc.stderr
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_line_numbers_count_across_chunks_and_files(tmp_path, tokenizer_dirs, suffix):
+    """Workers number records within their chunk; the error and the skipped records name the file's own lines."""
+    good = [{"text": f"document {i} " + "x" * 200} for i in range(12000)]  # ~2.6 MB: three chunks of 1 MB
+    first = write_jsonl(tmp_path / f"a{suffix}", good[:100])
+    src = write_jsonl(tmp_path / f"b{suffix}", good, raw_lines=[b"[1]\n", b'{"text": "after"}\n'])
+    args = ("-t", tokenizer_dirs["sample"], "--output-prefix", tmp_path / "out/all", "--chunk-mb", "1")
+    proc = keizoku("tokenize", first, src, *args, check=False)
+    assert proc.returncode == 1 and f"error: {src}:12001: not a JSON object" in proc.stderr, proc.stderr
+    keizoku("tokenize", first, src, *args, "--on-error", "skip", "-q")
+    entry = json.loads((tmp_path / "out/keizoku-manifest.json").read_text())["datasets"]["all_text_document"]
+    assert [(e["path"], e["line"]) for e in entry["skipped"]["examples"]] == [(str(src), 12001)]
+
+
+def test_lines_read_in_c_are_read_as_python_reads_them():
+    """keizoku._bpe reads well-formed JSON lines itself (encode_lines) and defers every other line to
+    records.json_texts: what it reads must be exactly json's text, and what it cannot vouch for it must defer."""
+    import random
+
+    from keizoku import _bpe
+    from keizoku.data.records import json_texts
+
+    deferred = [b'{"text": "x", "text": "y"}', b'{"text": 5}', b'{"txt": "a"}', b"", b"   ", b'{"text": "\\ud800"}',
+                b'{"text": "a\x01b"}', b'{"text": "caf\xe9"}', b'{"text": "ok", "n": NaN}', b'{"text": "ok", "n": 01}',
+                b'{"text": "ok", "n": 1.}', b'{"text": "ok"} x', b"[1]", b'{"te\\u0078t": "escaped key"}',
+                b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "\xed\xa0\x80"}', b'{"text": "\xf4\x90\x80\x80"}',
+                b'{"text": "\xe0\x80\xaf"}', b'{"text": "ok", "x": "\\q"}', b'{"text": "ok", "x": tru}',
+                b'{"text": "unterminated}', b'{"text": "a"', b'{"text": "ok",}', b'{"text": "ok", "d": ' + b"[" * 70
+                + b"]" * 70 + b"}"]
+    read = [b'  {"text":"a\\nb\\t\\"q\\"\\\\ \\/ \\u00e9\\u3042\\ud83d\\ude00"}\r', b'{ "text" : "sp" , "b" : [ ] }',
+            b'{"id": 1, "text": "x", "meta": {"a": [1, 2.5e-3, -0, true, false, null, {"b": []}]}}',
+            b'{"text": "ok", "big": 123456789012345678901234567890}', b'{"a":{"b":{"c":"d"}},"text":""}']
+    rng = random.Random(0)
+    for _ in range(2000):
+        t = "".join(rng.choice(["a", "日", "\n", '"', "\\", "\u3000", "😀", "\x7f", "é", " ", "\t", "/", "\x1f"])
+                    for _ in range(rng.randint(0, 30)))
+        obj = {"id": rng.randint(0, 10**20), "text": t, "m": {"x": [1.5, None, True]}} if rng.random() < 0.5 else {"text": t}
+        read.append(json.dumps(obj, ensure_ascii=rng.random() < 0.5).encode())
+    for line in deferred:
+        assert _bpe.json_text(line, "text") is None, line
+    for line in read:
+        texts, reason = json_texts(line, ["text"])
+        assert reason is None and _bpe.json_text(line, "text") == texts[0].encode(), line

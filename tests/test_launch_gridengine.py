@@ -21,6 +21,8 @@ from launch_support import (  # noqa: F401
     job_records,
     logs,
     need,
+    same_dataset,
+    sharded_tokenize,
     tiny,
     train_records,
     wait_until,
@@ -65,6 +67,37 @@ def test_allocation_from_a_real_job(tmp_path):
 def _qstat_ids() -> set[str]:
     out = subprocess.run(["qstat", "-u", "*"], capture_output=True, text=True).stdout
     return {line.split()[0] for line in out.splitlines()[2:] if line.split()}
+
+def test_tokenize_array_job_and_merge_equal_one_run(tmp_path, ja_texts, en_texts):
+    """keizoku submit tokenize --tasks 3: an array job (-t 1-3), each task tokenizing its share (the large plain
+    file in all three, by byte ranges), and the merge held until every task has ended (-hold_jid): the datasets
+    one run over the inputs writes, byte for byte; each task has its log."""
+    need("qsub", "qstat", why="Grid Engine")
+    out = tmp_path / "out"
+    ids, inputs, reference = sharded_tokenize(
+        tmp_path, ja_texts, en_texts, {"scheduler": "gridengine", "walltime": "00:05:00", "directives": ["-pe smp 1"]},
+        3, ["-o", out], {"output_dir": tmp_path / "one"})
+    array, merge = ids
+    parts = out / "parts"
+    script = next((parts / "submit").glob("*.tokenize.sh")).read_text()
+    assert "#$ -t 1-3\n" in script and script.rstrip().endswith('--shard "${SGE_TASK_ID}/3"')
+    wait_until(lambda: not ({array, merge} & _qstat_ids()), 180, "the tasks and the merge",
+               on_timeout=lambda: "\n".join(p.read_text() for p in sorted((parts / "logs").glob("*"))))
+    task_logs = [parts / "logs" / f"keizoku-tokenize-out.o{array}.{k}" for k in (1, 2, 3)]
+    assert all(f"share {k} of 3: " in log.read_text() for k, log in enumerate(task_logs, 1))
+    merge_log = (parts / "logs" / f"keizoku-merge-out.o{merge}").read_text()
+    assert "Traceback" not in merge_log and "merged" in merge_log, merge_log
+    assert [Path(p).name for p in reference] == ["a_text_document", "big_text_document", "c_text_document",
+                                                 "empty_text_document"]
+    for prefix in reference:
+        assert same_dataset(prefix, str(out / Path(prefix).name)), prefix
+    jobs = [json.loads(line) for line in (parts / "jobs.jsonl").read_text().splitlines()]
+    assert [(j["job_id"], j["kind"]) for j in jobs] == [(array, "tokenize"), (merge, "merge")]
+    assert jobs[0]["task_logs"] == [str(p) for p in task_logs] and jobs[1]["depends_on"] == array
+    status = cli("status", parts)  # the shares, each with its task's log
+    assert status.returncode == 0 and "3 of 3 shares complete" in status.stderr, status.stdout + status.stderr
+    assert all(str(log) in status.stdout for log in task_logs)
+
 
 
 def test_notify_at_h_rt_checkpoints_and_the_chain_resumes(tiny, tmp_path):
@@ -220,3 +253,4 @@ def test_qsub_is_tried_again_while_the_qmaster_is_down(tmp_path):
     subprocess.run(["qdel", job_id], capture_output=True)
     assert [j["job_id"] for j in map(json.loads, (run / "jobs.jsonl").read_text().splitlines())] == [job_id]
     assert len(list((run / "submit").glob("*.sh"))) == 1
+

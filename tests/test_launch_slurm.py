@@ -14,6 +14,8 @@ from launch_support import (  # noqa: F401
     job_records,
     logs,
     need,
+    same_dataset,
+    sharded_tokenize,
     tiny,
     train_records,
     wait_until,
@@ -214,3 +216,24 @@ def test_a_refused_submission_leaves_nothing_that_looks_live(tmp_path):
                              "directives or submit_args; keizoku submit --dry-run shows the script) and submit again")
     assert {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()} == set(before)
     assert all((run / name).read_text() == text for name, text in before.items())
+
+
+def test_tokenize_array_job_and_merge_equal_one_run(tmp_path, ja_texts, en_texts):
+    """keizoku submit tokenize --tasks 2 --output-prefix: an array job (--array=1-2) on the two nodes, and the
+    merge (--dependency=afterok): the dataset one run over the inputs writes, byte for byte."""
+    need("sbatch", "squeue", why="Slurm")
+    ids, inputs, reference = sharded_tokenize(
+        tmp_path, ja_texts, en_texts, {"base": "slurm", "gpus_per_node": 0, "directives": [], "walltime": "00:05:00"},
+        2, ["--output-prefix", tmp_path / "out/all"], {"output_prefix": str(tmp_path / "one/all")})
+    array, merge = ids
+    parts = tmp_path / "out/all.parts"
+    script = next((parts / "submit").glob("*.tokenize.sh")).read_text()
+    assert "#SBATCH --array=1-2\n" in script and "--signal" not in script
+    assert script.rstrip().endswith('--shard "${SLURM_ARRAY_TASK_ID}/2"')
+    wait_until(lambda: not _squeue([array, merge]).strip(), 180, "the tasks and the merge",
+               on_timeout=lambda: _squeue([array, merge]) + "\n".join(p.read_text()
+                                                                  for p in (parts / "logs").glob("*")))
+    for k in (1, 2):
+        assert f"share {k} of 2: " in (parts / "logs" / f"slurm-{array}_{k}.out").read_text()
+    assert "merged" in (parts / "logs" / f"slurm-{merge}.out").read_text()
+    assert same_dataset(reference[0], str(tmp_path / "out/all_text_document"))

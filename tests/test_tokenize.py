@@ -54,7 +54,7 @@ def test_byte_identical_to_preprocess_data(tmp_path, tokenizer_dirs, ja_texts, e
     assert len(ds.document_indices) == len(texts) + 1
     entry = json.loads((tmp_path / "k/keizoku-manifest.json").read_text())["datasets"]["ds_text_document"]
     assert entry["documents"] == len(texts) and entry["empty_documents"] == 1
-    assert entry["tokenizer"]["backend"] == ("hf-fast" if name == "llm-jp-3" else "tiktoken")
+    assert entry["tokenizer"]["backend"] == {"llm-jp-3": "unigram"}.get(name, "tiktoken")
 
 
 def test_add_bos_and_no_eod(tmp_path, tokenizer_dirs, ja_texts):
@@ -124,11 +124,12 @@ def test_reader_chunks_at_every_boundary(tmp_path, suffix):
         path.write_bytes(_compressed(text[:end], suffix))
         for chunk_bytes in (1, 2, 3, 7, 15, 16, 64, 4096):
             chunks = list(open_reader(path, ["text"], chunk_bytes))
-            assert all(isinstance(c, Lines) and c.data and not c.truncated for c in chunks), (end, chunk_bytes)
-            assert b"".join(c.data for c in chunks) == text[:end], (end, chunk_bytes)
-            assert all(c.data.endswith(b"\n") for c in chunks[:-1]), (end, chunk_bytes)
-            starts = [1 + sum(d.data.count(b"\n") for d in chunks[:i]) for i in range(len(chunks))]
-            assert [c.first_line for c in chunks] == starts, (end, chunk_bytes)
+            assert all(isinstance(c, Lines) and c.read() and not c.truncated for c in chunks), (end, chunk_bytes)
+            assert all((c.span is not None) == (suffix == ".jsonl") for c in chunks)  # uncompressed: file spans
+            assert b"".join(c.read() for c in chunks) == text[:end], (end, chunk_bytes)
+            assert all(c.read().endswith(b"\n") for c in chunks[:-1]), (end, chunk_bytes)
+            numbers = [[line for line, _, _ in c.records(["text"])] for c in chunks]  # from 1 in each chunk
+            assert numbers == [list(range(1, len(c.read().splitlines()) + 1)) for c in chunks], (end, chunk_bytes)
 
 
 def test_empty_input_and_input_ending_at_a_chunk_boundary(tmp_path, tokenizer_dirs):
@@ -285,6 +286,29 @@ def test_c_bpe_equals_hf_on_random_text(tokenizer_dirs):
         assert tokens.tolist() == [t for r in ref for t in r] and lengths.tolist() == [len(r) for r in ref]
 
 
+def test_c_bpe_starting_from_characters_is_exact(tokenizer_dirs):
+    """keizoku._bpe starts BPE from whole characters where that cannot change the result (CharInfo in _bpe.c) and
+    answers merges of two such "words" from a table: text made of exactly those characters, next to the tokens and
+    bytes that make a character unsafe, against tiktoken's byte-level BPE (the same ids as HF, checked above)."""
+    import random
+
+    from keizoku.data.tokenizer import TextEncoder, prepare
+
+    enc = TextEncoder(prepare(str(tokenizer_dirs["llama3.1"])).spec)
+    assert enc._c.char_count > 3000  # Llama-3: 3,957 BMP characters are one token each
+    ranks = enc.spec.ranks
+    chars = [t.decode() for t in ranks if 2 <= len(t) <= 3 and len(t.decode("utf-8", "ignore").encode()) == len(t)]
+    words = [w for t in ranks if len(t) >= 4 and (w := t.decode("utf-8", "ignore")) and max(map(ord, w)) >= 0x80]
+    other = list("abcXYZ 、。「」！？\n\t0123") + ["ー", "ッ", "々", "〜", "é", "ß", "ж", "🤖", "\u3000"]
+    rng = random.Random(5)
+    texts = ["".join(rng.choice(chars) if r < 0.6 else rng.choice(words) if r < 0.85 else rng.choice(other)
+                     for r in (rng.random() for _ in range(rng.randint(1, 60)))) for _ in range(3000)]
+    ours = [enc._c.encode(t) for t in texts]  # None: handed to tiktoken (text like "<|", unassigned code points)
+    assert sum(ids is None for ids in ours) < 300
+    assert [a for a in ours if a is not None] == [enc._tiktoken.encode_ordinary(t) for t, a in zip(texts, ours)
+                                                  if a is not None]
+
+
 def test_c_bpe_character_classes_match_hf(tokenizer_dirs):
     """Every assigned code point, in contexts that exercise each alternative of the Llama-3 pattern."""
     import unicodedata
@@ -360,3 +384,54 @@ def test_ids_fingerprint_is_the_tokenizers_however_it_was_loaded(tmp_path, token
     assert cached.read_text() == ids_fingerprint(original)
     other = load_tokenizer(str(tokenizer_dirs["llm-jp-3"]))
     assert ids_fingerprint(other) != ids_fingerprint(original)
+
+
+def _peak_tree_memory(args: list) -> tuple[int, int]:
+    """Run keizoku; (peak of the RSS summed over its process tree, peak of the PSS so summed), in bytes, sampled."""
+    import time
+
+    def tree(pid: int) -> list[int]:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return [pid]
+        return [pid] + [p for c in children for p in tree(int(c))]
+
+    def field(pid: int, name: str, path: str) -> int:
+        try:
+            return next(int(line.split()[1]) << 10 for line in Path(f"/proc/{pid}/{path}").read_text().splitlines()
+                        if line.startswith(name))
+        except (OSError, StopIteration):
+            return 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "keizoku", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    rss = pss = 0
+    while proc.poll() is None:
+        pids = tree(proc.pid)
+        rss = max(rss, sum(field(p, "VmRSS:", "status") for p in pids))
+        pss = max(pss, sum(field(p, "Pss:", "smaps_rollup") for p in pids))
+        time.sleep(0.05)
+    assert proc.returncode == 0, proc.stderr.read()
+    return rss, pss
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc")
+def test_memory_does_not_grow_with_the_input(tmp_path, tokenizer_dirs, ja_texts):
+    """Peak memory of a 2-worker run is the same for 4 MB and 24 MB of input: chunks in flight are bounded, ids go
+    to the file as they come (result slots are given back once written), nothing is kept per document."""
+    import random
+
+    rng = random.Random(0)
+    docs = [{"text": "".join(rng.choice(ja_texts)[:400] for _ in range(4))} for _ in range(3000)]
+    small = write_jsonl(tmp_path / "small.jsonl", docs)
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(small.read_bytes() * 6)
+    peaks = {}
+    for src in (small, big):
+        peaks[src.name] = _peak_tree_memory(["tokenize", src, "-t", tokenizer_dirs["llama3.1"], "--output-prefix",
+                                             tmp_path / src.stem, "--workers", "2", "--chunk-mb", "1", "-q"])
+    (rss_small, pss_small), (rss_big, pss_big) = peaks["small.jsonl"], peaks["big.jsonl"]
+    assert big.stat().st_size > 5 * small.stat().st_size
+    assert pss_big < pss_small + (40 << 20), peaks
+    assert rss_big < rss_small + (60 << 20), peaks

@@ -1,4 +1,5 @@
-"""``keizoku tokenize`` and ``keizoku inspect``: JSONL/Parquet → Megatron indexed datasets, and what is in them."""
+"""``keizoku tokenize``, ``keizoku tokenize-merge`` and ``keizoku inspect``: JSONL/Parquet → Megatron indexed datasets
+(on one machine, or share by share on many and then merged), and what is in them."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ def tokenize(
         "records it in the manifest.")] = OnError.stop,
     force: Annotated[bool, typer.Option("--force", help="Redo datasets that are complete and up to date.")] = False,
     chunk_mb: Annotated[float, typer.Option(help="Input handed to a worker at a time, in MB.")] = 4.0,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", metavar="K/N", callback=lambda v: _shard(v),
+        help="Tokenize only share K of N (K = 1..N) into OUTPUT/parts/shard-K-of-N (--output-prefix P: "
+        "P.parts/...): the inputs in order cut into N parts of about equal size, a large uncompressed .jsonl into "
+        "byte ranges at line starts. Run every K (an array job: keizoku submit tokenize), then keizoku "
+        "tokenize-merge. Resumes like a whole run.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
 ) -> None:
     """Tokenize JSONL/Parquet documents into Megatron indexed datasets (.bin/.idx).
@@ -70,15 +77,13 @@ def tokenize(
     Example:
 
         keizoku tokenize data/ja/ --tokenizer meta-llama/Llama-3.1-8B --output-dir tokenized/ja
+
+    On many nodes: keizoku submit tokenize --profile NAME --tasks N -- ARGS (docs/tokenize.md).
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
     from keizoku.data import tokenize as tk
 
-    opts = tk.TokenizeOptions(
-        inputs=inputs, tokenizer=tokenizer, output_dir=output_dir, output_prefix=output_prefix,
-        text_keys=list(text_key), append_eod=append_eod, add_bos=add_bos, use_fast=use_fast, fast_bpe=fast_bpe,
-        workers=workers, on_error=on_error.value, force=force, chunk_bytes=max(1, int(chunk_mb * (1 << 20))),
-    )
+    opts = tokenize_options(locals())
     try:
         result = tk.tokenize(opts, console=console, progress=not quiet and console.is_terminal,
                              log=(lambda msg: None) if quiet else log)
@@ -90,6 +95,119 @@ def tokenize(
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     if not quiet:
         out.print(_tokenize_table(result, tk.summarize(result)))
+
+
+def _shard(value: Optional[str]):
+    """``--shard K/N`` → (K, N)."""
+    if value is None:
+        return None
+    from keizoku.data.shards import parse_shard
+
+    try:
+        return parse_shard(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def tokenize_options(params: dict):
+    """``TokenizeOptions`` from ``keizoku tokenize``'s parameters (as the command, or its parser, has them)."""
+    from keizoku.data import tokenize as tk
+
+    return tk.TokenizeOptions(
+        inputs=list(params["inputs"]), tokenizer=params["tokenizer"], output_dir=params["output_dir"],
+        output_prefix=params["output_prefix"], text_keys=list(params["text_key"]), append_eod=params["append_eod"],
+        add_bos=params["add_bos"], use_fast=params["use_fast"], fast_bpe=params["fast_bpe"],
+        workers=params["workers"], on_error=OnError(params["on_error"]).value, force=params["force"],
+        chunk_bytes=max(1, int(params["chunk_mb"] * (1 << 20))), shard=params.get("shard"),
+    )
+
+
+@app.command("tokenize-merge")
+def tokenize_merge(
+    output_dir: Annotated[Optional[Path], typer.Option(
+        "--output-dir", "-o", help="The --output-dir the shares were tokenized for (their parts: DIR/parts).")] = None,
+    output_prefix: Annotated[Optional[str], typer.Option(
+        "--output-prefix", help="The --output-prefix the shares were tokenized for (their parts: "
+        "PREFIX.parts).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Only show each share's state (and its task's log); exit 0 "
+                                        "if every share is complete, 1 if not.")] = False,
+    remove_parts: Annotated[bool, typer.Option("--remove-parts", help="Once everything is merged, delete the shares' "
+                                               "parts and the plan (kept by default).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Merge datasets again that are merged and up to "
+                                        "date.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a .bin/.idx at a destination that the "
+                                            "output's manifest does not list (not keizoku's).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table.")] = False,
+) -> None:
+    """Join the shares of `keizoku tokenize --shard K/N` into what one run over all the inputs writes.
+
+    Checks that every share is complete and that they agree (flags, tokenizer), then writes per dataset one
+    .bin/.idx, byte for byte what `keizoku tokenize` without --shard writes (the .bin copied at disk speed, the
+    .idx rebuilt from the parts'; a dataset of one part is hard-linked), and its manifest entry. Nothing is
+    written if a share is missing, incomplete or disagrees: the message names it (and its task's log).
+
+    Example:
+
+        keizoku tokenize-merge --output-dir tokenized/ja
+
+    Exit status: 0 merged (or up to date; --check: every share complete); 1 a share is not complete, the shares
+    disagree, or a destination is not keizoku's; 2 bad arguments.
+    """
+    from keizoku.data import merge as mg
+
+    if (output_dir is None) == (output_prefix is None):
+        error("give exactly one of --output-dir and --output-prefix (the one the shares were tokenized for)")
+        raise typer.Exit(ExitCode.CONFIG)
+    try:
+        if check:
+            raise typer.Exit(show_shares(output_dir, output_prefix))
+        result = mg.merge(output_dir, output_prefix, force=force, overwrite=overwrite, remove_parts=remove_parts,
+                          log=(lambda msg: None) if quiet else log)
+    except (KeizokuError, OSError, ValueError) as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.FAILED) from None
+    if not quiet:
+        out.print(_merge_table(result))
+
+
+def show_shares(output_dir, output_prefix, as_json: bool = False) -> int:
+    """Print each share's state (and its task's log); ExitCode.OK if all are complete, else FAILED."""
+    import json
+
+    from keizoku.data import merge as mg
+
+    root, plan, states = mg.share_states(output_dir, output_prefix)
+    rows = mg.describe_states(states)
+    done = sum(s.complete for s in states)
+    if as_json:
+        print(json.dumps({"parts": str(root), "shares": plan.shares, "complete": done, "rows": rows}, indent=1))
+    else:
+        out.print(_shares_table(root, rows))
+        log(f"{done} of {plan.shares} shares complete" + (
+            "; keizoku tokenize-merge merges them (and leaves merged datasets that are current alone)"
+            if done == plan.shares else "; run the others (keizoku tokenize … --shard K/N resumes a share)"))
+    return ExitCode.OK if done == plan.shares else ExitCode.FAILED
+
+
+def _shares_table(root: Path, rows: list[dict]) -> Table:
+    table = Table(title=f"shares — {escape(str(root))}", title_justify="left")
+    for col in ("share", "pieces", "MB", "state", "detail", "log"):
+        table.add_column(col, justify="right" if col == "MB" else "left", overflow="fold")
+    for r in rows:
+        table.add_row(r["share"], escape(r["pieces"]), f"{r['mb']:,.1f}", r["state"], escape(r["detail"]),
+                      escape(r["log"]))
+    return table
+
+
+def _merge_table(result) -> Table:
+    several_keys = len({d.key for d in result.datasets}) > 1
+    table = Table(title=f"keizoku tokenize-merge — {escape(str(result.manifest))}", title_justify="left")
+    for col in ("dataset", "docs", "tokens", "parts", "MB", "seconds", "status"):
+        table.add_column(col, justify="left" if col in ("dataset", "status") else "right", overflow="fold")
+    for d in result.datasets:
+        table.add_row(escape(d.name + (f" [{d.key}]" if several_keys else "")), f"{d.documents:,}", f"{d.tokens:,}",
+                      str(d.parts), f"{d.input_bytes / 1e6:,.2f}", f"{d.seconds:.2f}", d.status)
+    return table
 
 
 def _tokenize_table(result, rows: list[dict]) -> Table:

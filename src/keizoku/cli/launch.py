@@ -127,6 +127,9 @@ def submit(
 
     Exit status: 0 submitted; 1 qsub/sbatch refused the job or could not reach the scheduler (nothing
     queued: the job script and plan are removed), or the local job failed; 2 bad config or profile.
+
+    To tokenize on many nodes instead: keizoku submit tokenize --profile NAME --tasks N -- TOKENIZE ARGS
+    (keizoku submit tokenize --help).
     """
     import shlex
 
@@ -166,6 +169,125 @@ def submit(
         print(" ".join(result.job_ids))
 
 
+def _sharded_tokenize_status(parts: Path, as_json: bool) -> bool:
+    """``keizoku status PARTS`` (the parts directory of keizoku submit tokenize): its shares' states, as
+    ``keizoku tokenize-merge --check`` prints them. False if ``parts`` is no such directory."""
+    from keizoku.cli.data import show_shares
+    from keizoku.data.shards import read_plan
+    from keizoku.errors import KeizokuError
+
+    try:
+        plan = read_plan(parts)
+    except KeizokuError:
+        return False
+    if plan is None:
+        return False
+    out_dir, prefix = plan.output.get("dir"), plan.output.get("prefix")
+    show_shares(out_dir, prefix, as_json)
+    if not as_json:
+        log(f"(the shares of keizoku tokenize {'--output-dir ' + out_dir if out_dir else '--output-prefix ' + prefix}; "
+            f"its jobs and their logs: {parts / 'jobs.jsonl'})")
+    return True
+
+
+@app.command("submit-tokenize", hidden=True)  # spelled `keizoku submit tokenize` (cli.main routes it here)
+def submit_tokenize(
+    tokenize_args: Annotated[list[str], typer.Argument(
+        help="After --: the arguments of keizoku tokenize (inputs, --tokenizer, --output-dir or --output-prefix, "
+        "flags), as you would run it on one machine.", show_default=False, metavar="-- TOKENIZE_ARGS")],
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Site profile, as for training: tsubame4, abci3, "
+                                         "slurm, local, one of yours or a YAML file.", show_default=False)] = ...,
+    tasks: Annotated[int, typer.Option("--tasks", help="Array tasks: the inputs are cut into this many "
+                                       "shares of about equal size, one per task (one node each).", min=1,
+                                       show_default=False)] = ...,
+    walltime: Annotated[Optional[str], typer.Option("--walltime", help="Time limit per task and for the merge, "
+                                                    "HH:MM:SS or D-HH:MM:SS.")] = None,
+    merge: Annotated[bool, typer.Option(help="Submit the merge job (keizoku tokenize-merge), to run once every "
+                                        "task has succeeded.")] = True,
+    remove_parts: Annotated[bool, typer.Option("--remove-parts", help="Have the merge delete the parts once "
+                                               "everything is merged (kept by default).")] = False,
+    container: Annotated[Optional[Path], typer.Option(help="Run keizoku in this Apptainer image (.sif).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a profile setting: key=value (e.g. "
+                                                      "queue=cpu, gpus_per_node=0, group=tga12345).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="The array job's name (default: "
+                                                "keizoku-tokenize-OUTPUT).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the shares, both job scripts and the submit "
+                                          "commands; write and submit nothing.")] = False,
+) -> None:
+    """Tokenize on many nodes: an array job of N tasks, task K running `keizoku tokenize ARGS --shard K/N`, then a
+    merge job (`keizoku tokenize-merge`) once all have succeeded: the same datasets as one `keizoku tokenize ARGS`.
+
+    Task K tokenizes share K: the inputs, in order, cut into N parts of about equal size (whole files; a large
+    uncompressed .jsonl also into byte ranges at line starts), into OUTPUT/parts/shard-K-of-N (--output-prefix P:
+    P.parts/...). A task run again skips what its share has finished. Grid Engine: -t 1-N and -hold_jid (the
+    merge runs however the tasks ended and names the shares that did not finish); Slurm: --array=1-N and
+    --dependency=afterok; PBS: -J 1-N and -W depend=afterok. Scripts, logs and jobs.jsonl go in the parts
+    directory; keizoku tokenize-merge --check shows each share and its task's log.
+
+    Example:
+
+        keizoku submit tokenize --profile tsubame4 --set group=tga12345 --tasks 16 -- data/ja -t ./tok -o tokenized/ja
+
+    Exit status: 0 submitted (--profile local: every task and the merge succeeded); 1 qsub/sbatch refused or
+    could not reach the scheduler, or a local task failed; 2 bad arguments, inputs or profile (nothing written).
+    """
+    import shlex
+
+    import click
+
+    from keizoku.cli.data import tokenize_options
+    from keizoku.errors import KeizokuError
+    from keizoku.launch.schedulers import scheduler_named
+    from keizoku.launch.submit import SubmitError
+    from keizoku.launch.submit import submit_tokenize as submit_jobs
+
+    try:
+        parsed = typer.main.get_command(app).commands["tokenize"].make_context("keizoku tokenize",
+                                                                               list(tokenize_args))
+    except click.ClickException as e:
+        error(f"the tokenize arguments (after --): {e.format_message()}")
+        raise typer.Exit(ExitCode.CONFIG) from None
+    if parsed.params.get("shard") is not None:
+        error("--shard: each task gets its own (--shard K/N); leave it out of the tokenize arguments")
+        raise typer.Exit(ExitCode.CONFIG)
+    # one node a task, and no walltime warning to ask for (training's): a share resumes from its finished datasets
+    sets = list(set_ or []) + ["nodes=1", "warning_signal_s=0", "stop_margin_s=0"] + \
+        ([f"walltime={walltime}"] if walltime else [])
+    prof = _launch_profile(profile, sets)
+    opts = tokenize_options(parsed.params)
+    try:
+        result = submit_jobs(list(tokenize_args), opts, prof, tasks=tasks, merge=merge, remove_parts=remove_parts,
+                             container=container, dry_run=dry_run, name=name, log=log,
+                             command=shlex.join(["keizoku", "submit", "tokenize",
+                                                 *sys.argv[3 if sys.argv[1:3] == ["submit", "tokenize"] else 2:]]))
+    except SubmitError as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.FAILED) from None
+    except (KeizokuError, OSError, ValueError) as e:  # the inputs or the parts' plan: nothing was written
+        error(str(e))
+        raise typer.Exit(ExitCode.CONFIG) from None
+    plan = result.plan
+    if dry_run:
+        print(f"# {result.task_script} (dry run: not written)\n{result.task_text}")
+        if result.merge_text:
+            print(f"# {result.merge_script} (dry run: not written)\n{result.merge_text}")
+        total = sum(i["size"] for i in plan.inputs)
+        print(f"# the shares ({result.parts}/plan.json: {len(plan.inputs)} input(s), {total / 1e6:,.1f} MB, cut into "
+              f"{plan.shares}):")
+        for k in range(1, plan.shares + 1):
+            print(f"#   {k}: {plan.describe(k)}")
+        print("# would run:")
+        for cmd in result.commands:
+            print(f"#   {shlex.join(cmd)}")
+        return
+    output = f"--output-dir {opts.output_dir}" if opts.output_dir is not None else \
+        f"--output-prefix {opts.output_prefix}"
+    log(f"job scripts in {result.parts}/submit; follow with: keizoku tokenize-merge {output} --check "
+        f"(or keizoku status {result.parts})")
+    if result.job_ids and scheduler_named(prof.scheduler).queues_jobs:
+        print(" ".join(result.job_ids))
+
+
 @app.command()
 def status(
     run_dir: Annotated[Path, typer.Argument(help="A keizoku run directory.", show_default=False)],
@@ -187,6 +309,8 @@ def status(
     if not run_dir.is_dir():
         error(f"{run_dir}: no such run directory")
         raise typer.Exit(ExitCode.FAILED)
+    if _sharded_tokenize_status(run_dir, as_json):
+        return
     s = run_status(run_dir)
     if as_json:
         print(json.dumps(s.to_dict(), indent=1))

@@ -5,6 +5,9 @@ and quoted globs, taken in the order given, each directory's and glob's files so
 any path) is read once. An input's *name* is its path relative to the directory it was found in — just the
 file name for a file or a glob match — without the format's suffix: ``data/ja/wiki/00.jsonl.gz`` found in
 ``data/ja`` is ``wiki/00``, written as ``OUT/wiki/00_text_document.bin/.idx`` with ``--output-dir OUT``.
+
+A task of a sharded run (``keizoku tokenize --shard K/N``, ``shards``) may read a byte range of a file: an
+``InputFile`` with a ``span``, whose reading and meaning are ``shards``'.
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ from keizoku.data.readers import InputError, input_suffix, reader_for, suffixes
 class InputFile:
     path: Path
     name: str  # path relative to the directory it was found in (or the file name), without suffix
+    span: tuple[int, int] | None = None  # a share's byte range [start, end) of the file (shards); None: all of it
+
+    @property
+    def where(self) -> Path | str:
+        """How messages name it: its path; a share of a file that does not start it counts lines from its start,
+        and says so: ``PATH (share from byte N)``."""
+        return self.path if not self.span or self.span[0] == 0 else f"{self.path} (share from byte {self.span[0]:,})"
+
+    @property
+    def disk_bytes(self) -> int:
+        """The bytes on disk this input stands for: its span's, or the file's size."""
+        return self.span[1] - self.span[0] if self.span is not None else self.path.stat().st_size
 
 
 def discover(inputs: list[str]) -> list[InputFile]:

@@ -8,6 +8,7 @@ import numpy as np
 
 from keizoku.data import manifest as mf
 from keizoku.data.indexed import IndexedDatasetReader, dataset_paths
+from keizoku.data.shards import in_parts
 from keizoku.errors import KeizokuError
 
 
@@ -21,7 +22,7 @@ def resolve(path: str) -> tuple[list[str], Path | None, dict]:
     if p.suffix in (".bin", ".idx") and p.exists():
         p = p.with_suffix("")
     if p.is_dir():
-        prefixes = sorted(str(i.with_suffix("")) for i in p.rglob("*.idx"))
+        prefixes = sorted(str(i.with_suffix("")) for i in p.rglob("*.idx") if not in_parts(i, p))  # merged only
         if not prefixes:
             raise FileNotFoundError(f"{path}: no .idx files in this directory")
     else:

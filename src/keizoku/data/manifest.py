@@ -32,10 +32,17 @@ re-reads the file under a lock and keeps the others' entries.
 An entry is *current* (``entry_is_current``) — the dataset is not made again — while its tokenizer
 fingerprint and flags are the run's, its inputs are the same paths with the same sizes and each either has
 its recorded mtime or, touched, still its recorded sha256, and the ``.bin``/``.idx`` have their recorded sizes.
+
+Sharded runs (``shards``): a task's share of a split file is recorded with its ``range`` ``[start, end)`` (the
+lines that start in it), and its ``sha256`` is of the bytes ``hashed`` ``[start - 1, end of its last line)``
+(which decide where its lines begin and end), not of the whole file. A merged dataset (``merge``) records a split
+file with ``"sha256": null`` and its shares' hashes as ``ranges``: no task read it whole, and the ranges' hashes
+stand in for the file's. A share's manifest also holds ``"shard": {"index", "of", "plan"}``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -77,9 +84,9 @@ def write_manifest(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
-def update_manifest(path: Path, entries: dict[str, dict]) -> dict:
-    """Add or replace entries under an exclusive lock, re-reading the file first; each entry's tokenizer path is
-    stored as ``stored_tokenizer_path`` says."""
+def update_manifest(path: Path, entries: dict[str, dict], fields: dict | None = None) -> dict:
+    """Add or replace entries (and top-level ``fields``) under an exclusive lock, re-reading the file first; each
+    entry's tokenizer path is stored as ``stored_tokenizer_path`` says."""
     import fcntl
 
     entries = {name: _with_stored_tokenizer(path, entry) for name, entry in entries.items()}
@@ -88,6 +95,7 @@ def update_manifest(path: Path, entries: dict[str, dict]) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = read_manifest(path)
         data["datasets"].update(entries)
+        data.update(fields or {})
         write_manifest(path, data)
     return data
 
@@ -210,8 +218,9 @@ def dataset_entry(key: str, writer: IndexedDatasetWriter, *, inputs: list[dict],
     }
 
 
-def entry_is_current(entry: dict, inputs: list[Path], prefix: str, fingerprint: str, flags: dict) -> bool:
-    """Whether the dataset ``entry`` describes need not be made again (see the module docstring)."""
+def entry_is_current(entry: dict, inputs: list, prefix: str, fingerprint: str, flags: dict) -> bool:
+    """Whether the dataset ``entry`` describes need not be made again (see the module docstring). ``inputs``: paths,
+    or ``InputFile``s (a share's byte range is compared too)."""
     if entry.get("tokenizer", {}).get("fingerprint") != fingerprint or entry.get("flags") != flags:
         return False
     recorded = entry.get("inputs", [])
@@ -222,8 +231,32 @@ def entry_is_current(entry: dict, inputs: list[Path], prefix: str, fingerprint: 
             and idx_path.stat().st_size == entry.get("idx_bytes"))
 
 
-def _same_input(recorded: dict, path: Path) -> bool:
-    now = input_record(path)
+def _same_input(recorded: dict, source) -> bool:
+    """Whether the input ``recorded`` is still what ``source`` (a path, or an ``InputFile``) is on disk."""
+    path, span = Path(getattr(source, "path", source)), getattr(source, "span", None)
+    if recorded.get("range") != (list(span) if span is not None else None):
+        return False
+    try:
+        now = input_record(path)
+    except FileNotFoundError:
+        return False
     if recorded.get("path") != now["path"] or recorded.get("size") != now["size"]:
         return False
-    return recorded.get("mtime_ns") == now["mtime_ns"] or recorded.get("sha256") == file_sha256(path)
+    if recorded.get("mtime_ns") == now["mtime_ns"]:
+        return True
+    pieces = recorded.get("ranges") or ([recorded] if "range" in recorded else None)
+    if pieces is None:
+        return recorded.get("sha256") == file_sha256(path)
+    return all(p.get("sha256") == span_sha256(path, *p["hashed"]) for p in pieces)
+
+
+def span_sha256(path: Path, start: int, end: int, block: int = 1 << 22) -> str:
+    """The SHA-256 of bytes ``[start, end)`` of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0 and (data := f.read(min(block, left))):
+            h.update(data)
+            left -= len(data)
+    return h.hexdigest()

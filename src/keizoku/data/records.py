@@ -87,18 +87,20 @@ def _describe(value) -> str:
 
 @dataclass
 class ParsedChunk:
-    """A chunk's records as texts (parsed in the main process, before its texts go to a worker)."""
+    """A chunk's records as texts (parsed where its texts are tokenized: a worker process, or the main one)."""
 
     texts: list[list[str]]  # one list per key; empty when the chunk has an error (none of it is written)
     text_bytes: int  # input bytes the chunk stands for (``Chunk.text_bytes``)
     skipped: list[tuple[int | None, str]]  # (line, reason) of each bad record skipped; line None: the stream
     error: tuple[int | None, str] | None  # the first bad record, when not skipping
+    lines: int  # records in the chunk (lines or rows; lines are numbered from 1 within the chunk)
 
 
 def parse_chunk(chunk, keys: Sequence[str], skip: bool) -> ParsedChunk:
     """Parse a ``readers.Chunk``: bad records are skipped (``skip``) or the first one is the chunk's error."""
-    rows, skipped, error = [], [], None
+    rows, skipped, error, lines = [], [], None, 0
     for line, texts, reason in _records(chunk, keys):
+        lines = line or lines
         if reason is None:
             rows.append(texts)
         elif skip:
@@ -106,8 +108,13 @@ def parse_chunk(chunk, keys: Sequence[str], skip: bool) -> ParsedChunk:
         else:
             error = (line, reason)
             break
-    texts = [[] for _ in keys] if error else [[r[k] for r in rows] for k in range(len(keys))]
-    return ParsedChunk(texts, chunk.text_bytes, skipped, error)
+    if error:
+        texts = [[] for _ in keys]
+    elif len(keys) == 1:
+        texts = [[r[0] for r in rows]]
+    else:
+        texts = [[r[k] for r in rows] for k in range(len(keys))]
+    return ParsedChunk(texts, chunk.text_bytes, skipped, error, lines)
 
 
 def _records(chunk, keys: Sequence[str]) -> Iterator[Record]:
@@ -115,3 +122,33 @@ def _records(chunk, keys: Sequence[str]) -> Iterator[Record]:
     yield from chunk.records(keys)
     if chunk.truncated:
         yield None, None, chunk.truncated
+
+
+def encode_json_lines(chunk, key: str, skip: bool, encode_lines) -> tuple[object, list, tuple | None, int] | None:
+    """A chunk of JSON lines with one text key, read and tokenized by ``encode_lines`` (``TextEncoder.encode_lines``:
+    keizoku._bpe reads the well-formed lines itself); every line it defers is read here, by ``json_texts``, so bad
+    records get the reasons and the skip-or-stop outcome ``parse_chunk`` gives them. (result, skipped, error,
+    lines); None when there is no such reader."""
+    skipped, error = [], None
+
+    def slow_line(line: bytes, number: int):
+        nonlocal error
+        texts, reason = json_texts(line, [key])
+        if reason is None:
+            return texts[0]
+        if skip:
+            skipped.append((number, reason))
+            return None
+        error = (number, reason)
+        return False
+
+    result = encode_lines(chunk.read(), key, slow_line)
+    if result is None:
+        return None
+    if error is None and chunk.truncated:
+        if skip:
+            skipped.append((None, chunk.truncated))
+        else:
+            error = (None, chunk.truncated)
+    return result, skipped, error, result[-1]
+

@@ -16,6 +16,10 @@ Output groups (``output_groups``): with ``--output-dir`` each input file is a gr
 ``--output-prefix`` all inputs, in order, are one; a group is one dataset per key. A group is published —
 its ``.bin``/``.idx`` renamed into place, then its manifest entry written (``manifest``) — once all its
 inputs are read; a rerun skips the groups whose entries are current, so an interrupted run resumes.
+
+``--shard K/N`` (``shards``): the run tokenizes only share K of the plan of N shares, as a run over those pieces
+would, into ``PARTS/shard-K-of-N/`` (``_share``); ``merge`` joins the shares into the output a run over every
+input writes. A share whose pieces' merged datasets are current already has nothing to do.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import gc
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from keizoku.data import shards
 from keizoku.data.inputs import InputFile, discover
-from keizoku.data.manifest import MANIFEST_NAME, entry_is_current, entry_name, read_manifest
+from keizoku.data.manifest import MANIFEST_NAME, entry_is_current, entry_name, read_manifest, update_manifest
 from keizoku.data.pipeline import DatasetGroup, DatasetResult, FastPathRejected, Job, TokenizeError, write_datasets
 from keizoku.data.readers import DEFAULT_CHUNK_BYTES, InputError, open_reader
 from keizoku.data.records import parse_chunk
@@ -55,6 +60,7 @@ class TokenizeOptions:
     on_error: str = "stop"  # or "skip"
     force: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    shard: tuple[int, int] | None = None  # (K, N): only share K of N (shards), into PARTS/shard-K-of-N
 
 
 @dataclass
@@ -73,13 +79,21 @@ def tokenize(opts: TokenizeOptions, console=None, progress: bool = True, log=pri
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
     _check_options(opts)
     inputs = discover(opts.inputs)
-    groups, manifest_path = output_groups(opts, inputs)
+    if opts.shard is not None:
+        groups, manifest_path, share_record = _share(opts, inputs, log)
+        if not groups:
+            return TokenizeResult([], None, time.perf_counter() - t0, manifest_path)
+    else:
+        groups, manifest_path = output_groups(opts, inputs)
     manifest = read_manifest(manifest_path)
-    sample = _sample_texts(inputs, opts.text_keys)
+    sample = _sample_texts(inputs, opts.text_keys)  # a share checks the fast path on what a whole run would
     prep = prepare(opts.tokenizer, use_fast=opts.use_fast, fast_bpe=opts.fast_bpe, sample_texts=sample,
                    defer_check=True)
     log(_tokenizer_line(prep.info))
     bos, eod = _special_ids(opts, prep.info)
+    if opts.shard is not None:  # what merge reads of this share's last run
+        update_manifest(manifest_path, {}, fields={"shard": {**share_record, "tokenizer": prep.info.fingerprint}})
+        groups = _not_merged_yet(opts, inputs, groups, prep.info.fingerprint, log)
     results, pending = _up_to_date(groups, manifest, manifest_path, prep.info.fingerprint, flags(opts), opts.force)
     if len(pending) < len(groups):
         log(f"{len(groups) - len(pending)} of {len(groups)} datasets are complete and up to date; "
@@ -118,6 +132,38 @@ def output_groups(opts: TokenizeOptions, inputs: list[InputFile]) -> tuple[list[
         owner[f.name] = f.path
         groups.append(DatasetGroup(name=f.name, inputs=[f], prefixes={k: f"{out / f.name}_{k}_document" for k in keys}))
     return groups, out / MANIFEST_NAME
+
+
+def _share(opts: TokenizeOptions, inputs: list[InputFile], log) -> tuple[list[DatasetGroup], Path, dict]:
+    """Share K of N's datasets in ``PARTS/shard-K-of-N``, their manifest and the share's record in it (the tokenizer
+    is added once loaded), after pinning the plan (``shards``)."""
+    k, n = opts.shard
+    output_groups(replace(opts, shard=None), inputs)  # what a whole run would refuse (two inputs of one name)
+    root = shards.parts_root(opts.output_dir, opts.output_prefix)
+    plan = shards.make_plan(inputs, n, shards.output_of(opts.output_dir, opts.output_prefix))
+    shards.pin_plan(root, plan)
+    out = shards.share_dir(root, k, n)
+    pieces = plan.share(k)
+    share_opts = replace(opts, output_dir=out if opts.output_dir is not None else None, shard=None,
+                         output_prefix=str(out / Path(opts.output_prefix).name) if opts.output_prefix else None)
+    groups, manifest_path = output_groups(share_opts, pieces) if pieces else ([], out / MANIFEST_NAME)
+    log(f"share {k} of {n}: {plan.describe(k)} → {out}")
+    return groups, manifest_path, {"index": k, "of": n, "plan": plan.id, "flags": flags(opts)}
+
+
+def _not_merged_yet(opts: TokenizeOptions, inputs: list[InputFile], groups: list[DatasetGroup], fingerprint: str,
+                    log) -> list[DatasetGroup]:
+    """The share's groups whose merged datasets (what ``merge`` makes of them) are not current yet."""
+    final, final_manifest = output_groups(replace(opts, shard=None), inputs)
+    if opts.force or not final_manifest.exists():
+        return groups
+    done, _ = _up_to_date(final, read_manifest(final_manifest), final_manifest, fingerprint, flags(opts), False)
+    merged = {d.name for d in done}
+    left = [g for g in groups if g.name not in merged]
+    if len(left) < len(groups):
+        log(f"{len(groups) - len(left)} of this share's {len(groups)} datasets are merged and up to date already; "
+            "skipping them (--force redoes them)")
+    return left
 
 
 def flags(opts: TokenizeOptions) -> dict:
@@ -171,8 +217,7 @@ def _up_to_date(groups: list[DatasetGroup], manifest: dict, manifest_path: Path,
     done, pending = [], []
     for g in groups:
         entries = {k: manifest["datasets"].get(entry_name(manifest_path, p)) for k, p in g.prefixes.items()}
-        paths = [f.path for f in g.inputs]
-        if force or not all(e is not None and entry_is_current(e, paths, g.prefixes[k], fingerprint, flags)
+        if force or not all(e is not None and entry_is_current(e, g.inputs, g.prefixes[k], fingerprint, flags)
                             for k, e in entries.items()):
             pending.append(g)
             continue

@@ -14,6 +14,9 @@ normaliser or NFC, Split+ByteLevel pre-tokenizer, ``ignore_merges``, no dropout/
 merged token, and every split of a token into two vocabulary tokens is a merge — and (3) the ids agree
 with Hugging Face on a probe text and on the first documents of the input. Documents that contain the
 text of an added token (``<|eot_id|>``…) go through Hugging Face, which splits those out first.
+
+Unigram tokenizers (llm-jp-3) have an exact C path of their own, keizoku._unigram (``keizoku.data.unigram``),
+chosen and checked against Hugging Face the same way (backend "unigram").
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ import gc
 import hashlib
 import json
 import os
+import pickle
 import re
 import unicodedata
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from keizoku.data import unigram
 from keizoku.data.indexed import optimal_dtype
 from keizoku.rundir import write_atomic
 
@@ -90,9 +95,9 @@ class TokenizerInfo:
     bos_id: int | None
     fingerprint: str
     use_fast: bool
-    backend: str  # "tiktoken" (exact fast path), "hf-fast" or "hf-slow"
+    backend: str  # "tiktoken" or "unigram" (exact fast paths), "hf-fast" or "hf-slow"
     fast_path_note: str = ""
-    engine: str = ""  # what computes the ids: keizoku._bpe, tiktoken, tokenizers or transformers
+    engine: str = ""  # what computes the ids: keizoku._bpe, keizoku._unigram, tiktoken, tokenizers or transformers
     ids_fingerprint: str = ""  # ids_fingerprint(): the same for the same tokenizer however it was loaded
 
     @property
@@ -126,6 +131,7 @@ class EncoderSpec:
     ranks: dict[bytes, int] = field(default_factory=dict)
     nfc: bool = False
     added_tokens: list[str] = field(default_factory=list)
+    unigram: dict | None = None  # backend "unigram": unigram.unigram_spec's result
 
 
 class TextEncoder:
@@ -135,21 +141,18 @@ class TextEncoder:
         self.spec = spec
         self._hf = hf
         self._slow = slow
-        self._tiktoken = None
+        self._core_bpe = None
         self._c = None
         self._added = None
         self._added_prefix = ""
+        self._unigram = None
+        if spec.backend == "unigram" and (c := unigram.build_encoder(spec.unigram)) is not None:
+            self._unigram = unigram.UnigramEncoder(c, lambda: self.hf)
         if spec.backend == "hf-slow" and slow is None:
             from transformers import AutoTokenizer
 
             self._slow = AutoTokenizer.from_pretrained(spec.name_or_path, use_fast=False)
         if spec.backend == "tiktoken":
-            import tiktoken
-
-            enc = tiktoken.Encoding(
-                "keizoku-bpe", pat_str=spec.pattern, mergeable_ranks=spec.ranks, special_tokens={}
-            )
-            self._tiktoken = enc._core_bpe
             if spec.added_tokens:
                 alternatives = sorted(spec.added_tokens, key=len, reverse=True)
                 self._added = re.compile("|".join(re.escape(t) for t in alternatives))
@@ -158,20 +161,46 @@ class TextEncoder:
 
     @property
     def engine(self) -> str:
-        """What actually encodes: keizoku._bpe (C), tiktoken, tokenizers or transformers."""
+        """What actually encodes: keizoku._bpe (C), keizoku._unigram (C), tiktoken, tokenizers or transformers."""
+        if self._unigram is not None:
+            return self._unigram.engine
         if self._c is not None:
             return "keizoku._bpe (C; tiktoken for the rest)"
-        return {"tiktoken": "tiktoken", "hf-fast": "tokenizers", "hf-slow": "transformers"}[self.spec.backend]
+        return {"tiktoken": "tiktoken", "hf-fast": "tokenizers", "hf-slow": "transformers",
+                "unigram": "tokenizers"}[self.spec.backend]
 
     def encode_pack(self, texts: list[str], dtype: np.dtype, bos: int | None,
                     eod: int | None) -> tuple[np.ndarray, np.ndarray]:
         """All documents' ids concatenated, and each document's length (Megatron's document rule:
         [bos] + ids, then eod when that is non-empty)."""
+        if self._unigram is not None:
+            ids, lengths = self._unigram.encode_pack(texts, bos, eod)
+            return np.frombuffer(ids, dtype=np.uint32).astype(dtype, copy=False), np.frombuffer(lengths, dtype=np.int32)
         if self._c is not None:
             ids, lengths = self._c.encode_pack(texts, -1 if bos is None else bos, -1 if eod is None else eod,
                                                self._encode_tiktoken)
-            return np.frombuffer(ids, dtype=np.uint32).astype(dtype), np.frombuffer(lengths, dtype=np.int32)
+            return np.frombuffer(ids, dtype=np.uint32).astype(dtype, copy=False), np.frombuffer(lengths, dtype=np.int32)
         return pack(self.encode(texts), dtype, bos, eod)
+
+    def encode_lines(self, data: bytes, key: str, dtype: np.dtype, bos: int | None, eod: int | None,
+                     slow_line) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """JSON lines read and tokenized in C (keizoku._bpe.encode_lines: no Python str per document), the lines it
+        defers given to ``slow_line(line, number) -> text | None | False``; None where there is no C path."""
+        if self._c is None:
+            return None
+        ids, lengths, lines = self._c.encode_lines(data, key, -1 if bos is None else bos, -1 if eod is None else eod,
+                                                   self._encode_tiktoken, slow_line)
+        return np.frombuffer(ids, dtype=np.uint32).astype(dtype, copy=False), np.frombuffer(lengths, dtype=np.int32), lines
+
+    @property
+    def _tiktoken(self):
+        """tiktoken's encoder, built on first use (~0.1 s): with the C path, only documents it hands back need it."""
+        if self._core_bpe is None:
+            import tiktoken
+
+            self._core_bpe = tiktoken.Encoding("keizoku-bpe", pat_str=self.spec.pattern,
+                                               mergeable_ranks=self.spec.ranks, special_tokens={})._core_bpe
+        return self._core_bpe
 
     @property
     def hf(self):
@@ -183,9 +212,11 @@ class TextEncoder:
         return self._hf
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        if self._unigram is not None:
+            return self._unigram.encode(texts)
         if self._c is not None:
             return [ids if (ids := self._c.encode(t)) is not None else self._encode_tiktoken(t) for t in texts]
-        if self._tiktoken is not None:
+        if self.spec.backend == "tiktoken":
             return [self._encode_tiktoken(t) for t in texts]
         if self._slow is not None:
             return [self._slow.convert_tokens_to_ids(self._slow.tokenize(t)) for t in texts]
@@ -242,13 +273,19 @@ def _c_encoder(spec: EncoderSpec, added_prefix: str):
     """keizoku._bpe for the Llama-3 pattern, when the extension is built; None otherwise."""
     if spec.pattern != LLAMA3_PATTERN or spec.nfc or (spec.added_tokens and not added_prefix):
         return None
+    _bpe = _c_bpe_module()
+    return None if _bpe is None else _bpe.Encoder(spec.ranks, unicode_classes(), added_prefix.encode())
+
+
+def _c_bpe_module():
+    """keizoku._bpe, unless it is not built or KEIZOKU_NO_C_BPE is set."""
     if os.environ.get("KEIZOKU_NO_C_BPE"):
         return None
     try:
         from keizoku import _bpe
     except ImportError:
         return None
-    return _bpe.Encoder(spec.ranks, unicode_classes(), added_prefix.encode())
+    return _bpe
 
 
 def load_tokenizer(name_or_path: str, use_fast: bool = True) -> LoadedTokenizer:
@@ -378,9 +415,8 @@ class Prepared:
 
     def rejected(self, why: str) -> "Prepared":
         """The Hugging Face path, after check_fast_path() said no."""
-        from dataclasses import replace
-
-        info = replace(self.info, backend=self.fallback.backend, fast_path_note=_disagrees(why),
+        note = unigram.disagrees(why) if self.spec.backend == "unigram" else _disagrees(why)
+        info = replace(self.info, backend=self.fallback.backend, fast_path_note=note,
                        engine=encoder_for(self.fallback).engine)
         return Prepared(info, self.fallback)
 
@@ -393,6 +429,10 @@ def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
     to the caller (``keizoku tokenize`` runs it in a worker while the others start tokenizing, and
     publishes nothing before it passes); ``Prepared.fallback`` is then the encoder to use if it fails.
     """
+    cache = _prepared_cache(name_or_path, use_fast, fast_bpe) if defer_check else None
+    if cache is not None and (found := _read_prepared(*cache)) is not None:
+        info, spec, fallback = found
+        return Prepared(replace(info, name_or_path=str(name_or_path), engine=encoder_for(spec).engine), spec, fallback)
     tok = load_tokenizer(name_or_path, use_fast=use_fast)
     fingerprint = tokenizer_fingerprint(tok)
     spec, fallback, note = _choose_encoder(tok, name_or_path, fast_bpe, fingerprint,
@@ -410,7 +450,48 @@ def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
         fast_path_note=note,
         engine=encoder_for(spec).engine,
     )
+    if cache is not None:
+        unloaded = [replace(x, backend_json=None) if x is not None else None for x in (spec, fallback)]
+        _cache_write(cache[0], pickle.dumps((info, *unloaded), protocol=pickle.HIGHEST_PROTOCOL))
     return Prepared(info, spec, fallback)
+
+
+_PREPARED_FORMAT = 1  # bump when what prepare() caches changes shape
+
+
+def _prepared_cache(name_or_path: str, use_fast: bool, fast_bpe: bool) -> tuple[Path, str] | None:
+    """(where prepare()'s result for this tokenizer is cached, the tokenizer JSON) for a local tokenizer directory:
+    parsing 9-17 MB of JSON and building the rank table take most of a second at every start, and each
+    ``keizoku tokenize`` of a campaign's thousands of files starts once. Keyed by the tokenizer's files, this
+    code (tokenizer.py, unigram.py) and which C encoders load, so that a changed file or build is a miss."""
+    d = Path(name_or_path)
+    if not use_fast or not (d / "tokenizer.json").is_file() or not (d / "tokenizer_config.json").is_file():
+        return None
+    h = hashlib.sha256()
+    try:
+        files = [(d / n).read_bytes() if (d / n).is_file() else b""
+                 for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+        files += [Path(__file__).read_bytes(), Path(unigram.__file__).read_bytes()]
+        text = files[0].decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    for data in files:
+        h.update(len(data).to_bytes(8, "little") + data)
+    h.update(json.dumps([_PREPARED_FORMAT, fast_bpe, _c_bpe_module() is not None, unigram.available()]).encode())
+    if "\r" in text:  # as Path.read_text (what load_tokenizer reads) gives it
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _cache_dir() / f"prepared-{h.hexdigest()[:32]}.pickle", text
+
+
+def _read_prepared(path: Path, text: str) -> tuple[TokenizerInfo, EncoderSpec, EncoderSpec | None] | None:
+    try:
+        data = path.read_bytes()
+        with _no_gc():
+            info, spec, fallback = pickle.loads(data)
+    except (OSError, ValueError, TypeError, AttributeError, EOFError, pickle.UnpicklingError):
+        return None
+    loaded = [replace(x, backend_json=text) if x is not None and x.backend != "hf-slow" else x for x in (spec, fallback)]
+    return info, *loaded
 
 
 def _choose_encoder(tok: LoadedTokenizer, name_or_path: str, fast_bpe: bool, fingerprint: str,
@@ -425,6 +506,8 @@ def _choose_encoder(tok: LoadedTokenizer, name_or_path: str, fast_bpe: bool, fin
     if not fast_bpe:
         return hf, None, "fast BPE path disabled (--no-fast-bpe)"
     fast, note = _tiktoken_spec(tok.backend_json, tok.backend_cfg)
+    if fast is None and "Unigram" in note:
+        return _choose_unigram(tok, hf, fingerprint, check_on)
     if fast is None:
         return hf, None, note
     if check_on is None:
@@ -433,12 +516,32 @@ def _choose_encoder(tok: LoadedTokenizer, name_or_path: str, fast_bpe: bool, fin
     return (fast, None, note) if ok else (hf, None, _disagrees(why))
 
 
+def _choose_unigram(tok: LoadedTokenizer, hf: EncoderSpec, fingerprint: str,
+                    check_on: list[str] | None) -> tuple[EncoderSpec, EncoderSpec | None, str]:
+    """_choose_encoder for a Unigram model: the C encoder (keizoku._unigram) when it reproduces this tokenizer."""
+    with _no_gc():
+        cfg = tok.backend_cfg if tok.backend_cfg is not None else json.loads(tok.backend_json)
+    data, note = unigram.unigram_spec(cfg)
+    if data is None:
+        return hf, None, note
+    if not unigram.available():
+        return hf, None, "keizoku._unigram is not built (or KEIZOKU_NO_C_UNIGRAM is set)"
+    fast = EncoderSpec(backend="unigram", backend_json=tok.backend_json, unigram=data)
+    if check_on is None:
+        return fast, hf, "exact C Unigram path; checking it against Hugging Face alongside"
+    ok, why = check_fast_path(fast, check_on, fingerprint)
+    return (fast, None, note) if ok else (hf, None, unigram.disagrees(why))
+
+
 def _disagrees(why: str) -> str:
     return f"fast BPE path disagrees with Hugging Face ({why}); using Hugging Face"
 
 
 def check_fast_path(spec: EncoderSpec, sample_texts: list[str], fingerprint: str) -> tuple[bool, str]:
-    """Whether the tiktoken encoder gives Hugging Face's ids: merge order, then a probe and sample texts."""
+    """Whether the tiktoken encoder gives Hugging Face's ids: merge order, then a probe and sample texts.
+    The C Unigram encoder: the probe (with Unigram's own) and the sample texts."""
+    if spec.backend == "unigram":
+        return verify(spec, PROBE_TEXTS + unigram.PROBE_TEXTS + list(sample_texts))
     ok, why = _merges_are_rank_order(spec.backend_json, fingerprint)
     if not ok:
         return False, why

@@ -18,9 +18,14 @@ is. A scheduler knows
   no days), and the warning it sends before the walltime kill (``warning_signal``: Grid
   Engine's ``-notify`` sends SIGUSR2, Slurm's ``--signal=B:USR1@N`` SIGUSR1; PBS sends none, so keizoku's own
   ``stop_margin_s`` stands in);
-- **submission**: the command that submits a script after another job (the chain's dependency) and the job id it
-  prints (``submit_command``, ``parse_job_id``), which of its refusals mean it could not be reached (``unreachable``:
-  ``keizoku submit`` tries again) and where a job's output goes (``log_path``);
+- **submission**: the command that submits a script after another job (the chain's dependency, however that job
+  ended; or, ``after_ok``, only once it succeeded) and the job id it prints (``submit_command``, ``parse_job_id``),
+  which of its refusals mean it could not be reached (``unreachable``: ``keizoku submit`` tries again) and where a
+  job's output goes (``log_path``);
+- **array jobs** (``keizoku submit tokenize``: one task per share): the directive that makes a script an array of
+  tasks 1…N (``JobSpec.tasks``: Grid Engine ``-t 1-N``, Slurm ``--array=1-N``, PBS ``-J 1-N``), the variable that
+  holds a task's number (``task_variable``: ``SGE_TASK_ID``, ``SLURM_ARRAY_TASK_ID``, ``PBS_ARRAY_INDEX``) and
+  each task's log;
 - **its jobs, live and ended**: what its queue says of the jobs it still holds (``job_states``: squeue, qstat; a
   ``QueryError`` when it cannot be asked), and what its accounting says of a job that has left the queue
   (``job_ends``: sacct, else ``scontrol show job`` while Slurm remembers it; qacct; ``qstat -x -f``), as a
@@ -122,6 +127,7 @@ class Scheduler:
     stop_before_walltime: Tuple[str, ...] = ("stop_margin_s",)  # profile settings (s) less than the walltime
     queues_jobs = True  # False: keizoku submit runs the job script here instead of submitting it
     hosts_are_allocated = True  # KEIZOKU_HOSTS must name hosts of the allocation
+    task_variable = ""  # in an array job's task: its number, 1…N
 
     @property
     def starters(self) -> Tuple[str, ...]:
@@ -140,7 +146,8 @@ class Scheduler:
 
     # job scripts
     def directives(self, profile: "Profile", spec: "JobSpec") -> List[str]:
-        """The job script's directives from the profile (without the profile's own ``directives``)."""
+        """The job script's directives from the profile (without the profile's own ``directives``): an array of
+        ``spec.tasks`` tasks if it has any, the walltime warning if ``spec.walltime_warning``."""
         return []
 
     def walltime_seconds(self, text: str) -> int:
@@ -178,8 +185,10 @@ class Scheduler:
                 f"use {_or(self.starters)})")
 
     # submission and the queue
-    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None) -> List[str]:
-        """The command that submits ``script``, to start after job ``after`` ends however it ended."""
+    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None,
+                       after_ok: bool = False) -> List[str]:
+        """The command that submits ``script``, to start after job ``after`` (all its tasks) ends however it ended;
+        ``after_ok``: only if it succeeded, where the scheduler can tell (else it is not started)."""
         raise NotImplementedError
 
     def parse_job_id(self, stdout: str) -> str:
@@ -200,8 +209,8 @@ class Scheduler:
         text = message.lower()
         return any(w.lower() in text for w in self.unreachable_words)
 
-    def log_path(self, logs: str, name: str, job_id: str) -> Optional[str]:
-        """Where the job script's output goes (the directives write it under ``logs``)."""
+    def log_path(self, logs: str, name: str, job_id: str, task: Optional[int] = None) -> Optional[str]:
+        """Where the job script's output goes (the directives write it under ``logs``); ``task``: of an array job."""
         return None
 
     cancel_command = ""  # what deletes a job, for messages
@@ -268,6 +277,7 @@ class Slurm(Scheduler):
     walltime_option = "--time"
     takes_days = True
     stop_before_walltime = ("warning_signal_s", "stop_margin_s")
+    task_variable = "SLURM_ARRAY_TASK_ID"
 
     def in_job(self, env: Mapping[str, str]) -> bool:
         return bool(env.get("SLURM_JOB_ID") and env.get("SLURM_JOB_NODELIST"))
@@ -281,18 +291,24 @@ class Slurm(Scheduler):
 
     def directives(self, profile: "Profile", spec: "JobSpec") -> List[str]:
         p = profile
-        per_node = 1 if p.launcher == "node" else (p.procs_per_node or p.gpus_per_node or 1)
-        out = [f"--job-name={spec.name}", f"--output={spec.logs}/slurm-%j.out", f"--nodes={p.nodes}",
+        per_node = 1 if p.launcher == "node" or spec.tasks else (p.procs_per_node or p.gpus_per_node or 1)
+        log = "slurm-%A_%a.out" if spec.tasks else "slurm-%j.out"
+        out = [f"--job-name={spec.name}", f"--output={spec.logs}/{log}", f"--nodes={p.nodes}",
                f"--ntasks-per-node={per_node}"]
+        out += [f"--array=1-{spec.tasks}"] if spec.tasks else []
         out += [f"--time={p.walltime}"] if p.walltime else []
         out += [f"--gpus-per-node={p.gpus_per_node}"] if p.gpus_per_node else []
         out += [f"--partition={p.queue}"] if p.queue else []
         out += [f"--account={p.group}"] if p.group else []
-        out += [f"--signal=B:USR1@{p.warning_signal_s}"] if p.warning_signal_s else []
+        out += [f"--signal=B:USR1@{p.warning_signal_s}"] if p.warning_signal_s and spec.walltime_warning else []
         return out
 
-    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None) -> List[str]:
-        cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterany:{after}"] if after else [])
+    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None,
+                       after_ok: bool = False) -> List[str]:
+        # afterok: a dependency that can never be met (a task failed) cancels the job instead of leaving it queued
+        wait = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after_ok else \
+            [f"--dependency=afterany:{after}"]
+        cmd = ["sbatch", "--parsable"] + (wait if after else [])
         return cmd + list(profile.submit_args) + [str(script)]
 
     def parse_job_id(self, stdout: str) -> str:
@@ -305,7 +321,9 @@ class Slurm(Scheduler):
              "DEADLINE": "timeout", "NODE_FAIL": "node_fail", "OUT_OF_MEMORY": "out_of_memory",
              "BOOT_FAIL": "failed", "PREEMPTED": "cancelled", "REVOKED": "cancelled"}
 
-    def log_path(self, logs: str, name: str, job_id: str) -> Optional[str]:
+    def log_path(self, logs: str, name: str, job_id: str, task: Optional[int] = None) -> Optional[str]:
+        if task is not None:
+            return f"{logs}/slurm-{job_id}_{task}.out"  # --output=LOGS/slurm-%A_%a.out
         return f"{logs}/slurm-{job_id}.out"  # --output=LOGS/slurm-%j.out
 
     def state_command(self, job_ids: Sequence[str]) -> Optional[List[str]]:
@@ -363,6 +381,7 @@ class PBS(Scheduler):
     directive_prefix = "#PBS"
     native_starter = "pbsdsh"
     walltime_option = "-l walltime"
+    task_variable = "PBS_ARRAY_INDEX"
     # no warning_signal: PBS sends SIGTERM at the walltime and kills soon after (stop_margin_s stands in)
     _STATES = {"Q": "pending", "H": "held (waiting for the previous job)", "R": "running", "E": "exiting",
                "F": "finished", "X": "finished", "B": "running"}
@@ -377,20 +396,26 @@ class PBS(Scheduler):
     def directives(self, profile: "Profile", spec: "JobSpec") -> List[str]:
         p = profile
         out = [f"-N {spec.name[:15]}", f"-o {spec.logs}/", "-j oe"]  # PBS Pro: names of at most 15 characters
+        out += [f"-J 1-{spec.tasks}"] if spec.tasks else []
         out += [f"-q {p.queue}"] if p.queue else []
         out += [f"-l walltime={p.walltime}"] if p.walltime else []
         out += [f"-P {p.group}"] if p.group else []
         return out
 
-    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None) -> List[str]:
-        cmd = ["qsub"] + (["-W", f"depend=afterany:{after}"] if after else [])
+    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None,
+                       after_ok: bool = False) -> List[str]:
+        # an array job's id (123[].server) stands for all its subjobs; afterok that can never be met deletes the job
+        cmd = ["qsub"] + (["-W", f"depend={'afterok' if after_ok else 'afterany'}:{after}"] if after else [])
         return cmd + list(profile.submit_args) + [str(script)]
 
     unreachable_words = ("cannot connect to server", "pbs_connect", "Connection refused", "Server busy")
     cancel_command = "qdel"
 
-    def log_path(self, logs: str, name: str, job_id: str) -> Optional[str]:
-        return f"{logs}/{name[:15]}.o{job_id.split('.', 1)[0]}"  # -o LOGS/: JOB_NAME.oSEQUENCE
+    def log_path(self, logs: str, name: str, job_id: str, task: Optional[int] = None) -> Optional[str]:
+        sequence = job_id.split(".", 1)[0].replace("[]", "")
+        if task is not None:
+            return f"{logs}/{name[:15]}.o{sequence}.{task}"  # a subjob's: JOB_NAME.oSEQUENCE.INDEX
+        return f"{logs}/{name[:15]}.o{sequence}"  # -o LOGS/: JOB_NAME.oSEQUENCE
 
     def state_command(self, job_ids: Sequence[str]) -> Optional[List[str]]:
         return ["qstat", "-x", *job_ids]  # -x: finished jobs too
@@ -444,6 +469,7 @@ class GridEngine(Scheduler):
     native_starter = "qrsh"
     warning_signal = "SIGUSR2"  # -notify: SIGUSR2 before the h_rt kill; the queue's notify time sets the lead
     walltime_option = "-l h_rt"
+    task_variable = "SGE_TASK_ID"
     _STATES = {"qw": "pending", "hqw": "held (waiting for the previous job)", "r": "running", "t": "starting",
                "dr": "being deleted", "Eqw": "error", "s": "suspended"}
 
@@ -459,12 +485,17 @@ class GridEngine(Scheduler):
 
     def directives(self, profile: "Profile", spec: "JobSpec") -> List[str]:
         p = profile
-        out = [f"-N {_job_name(spec.name)}", "-cwd", f"-o {spec.logs}/", "-j y", "-S /bin/bash", "-notify"]
+        out = [f"-N {_job_name(spec.name)}", "-cwd", f"-o {spec.logs}/", "-j y", "-S /bin/bash"]
+        out += ["-notify"] if spec.walltime_warning else []
+        out += [f"-t 1-{spec.tasks}"] if spec.tasks else []
         out += [f"-l h_rt={p.walltime}"] if p.walltime else []
         out += [f"-q {p.queue}"] if p.queue else []
         return out
 
-    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None) -> List[str]:
+    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None,
+                       after_ok: bool = False) -> List[str]:
+        # -hold_jid waits for every task of an array job; Grid Engine has no afterok: the job starts however they
+        # ended (keizoku tokenize-merge then checks that every share is complete)
         cmd = ["qsub", "-terse"] + (["-g", profile.group] if profile.group else [])
         cmd += ["-hold_jid", after] if after else []
         return cmd + list(profile.submit_args) + [str(script)]
@@ -478,7 +509,9 @@ class GridEngine(Scheduler):
                          "Connection refused")
     cancel_command = "qdel"
 
-    def log_path(self, logs: str, name: str, job_id: str) -> Optional[str]:
+    def log_path(self, logs: str, name: str, job_id: str, task: Optional[int] = None) -> Optional[str]:
+        if task is not None:
+            return f"{logs}/{_job_name(name)}.o{job_id}.{task}"  # an array task's: JOB_NAME.oJOB_ID.TASK_ID
         return f"{logs}/{_job_name(name)}.o{job_id}"  # -o LOGS/ -j y: JOB_NAME.oJOB_ID
 
     def state_command(self, job_ids: Sequence[str]) -> Optional[List[str]]:
@@ -533,6 +566,7 @@ class Local(Scheduler):
     stop_before_walltime = ()  # no walltime kill to stop before
     queues_jobs = False
     hosts_are_allocated = False  # KEIZOKU_HOSTS may name any machine (starter ssh or mpirun)
+    task_variable = "KEIZOKU_TASK_ID"  # keizoku submit runs an array's tasks here one after another
 
     def in_job(self, env: Mapping[str, str]) -> bool:
         return False  # the fallback of scheduler_of, claimed by no environment
@@ -547,7 +581,8 @@ class Local(Scheduler):
             errors.append("nodes: scheduler local with starter local runs on this machine only (nodes: 1)")
         return errors
 
-    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None) -> List[str]:
+    def submit_command(self, profile: "Profile", script: str, after: Optional[str] = None,
+                       after_ok: bool = False) -> List[str]:
         return ["bash", str(script)]
 
 

@@ -4,6 +4,10 @@ One script serves every link of a chain: the dependency on the previous job goes
 (``Scheduler.submit_command``), and each link resumes from the run's newest checkpoint. The script asks for the
 scheduler's pre-walltime warning (``Scheduler.directives``: Grid Engine ``-notify``, Slurm ``--signal``) and ends
 in ``exec`` of the launch driver, so the warning reaches it and the job's exit status is training's.
+
+``keizoku submit tokenize`` writes two more kinds (``tokenize_scripts``): an array job whose task K ``exec``s
+``keizoku tokenize … --shard K/N`` (K from the scheduler's ``task_variable``), and the merge job that runs after it
+(``keizoku tokenize-merge``); neither asks for a walltime warning (a share resumes from its finished datasets).
 """
 
 from __future__ import annotations
@@ -29,29 +33,53 @@ class JobSpec:
     driver: list[str]  # the command that runs the launch driver with the plan
     command: str = ""  # the keizoku submit command line, for the record
     driver_copy: Optional[Path] = None  # with --container: where the driver's files are copied (LAUNCH_FILES)
+    tasks: int = 0  # an array job of tasks 1..tasks (0: one job)
+    walltime_warning: bool = True  # ask for the scheduler's warning before the walltime (training saves then)
+    logs_dir: Optional[Path] = None  # where the scheduler writes the job's output (default: RUN_DIR/logs)
 
     @property
     def logs(self) -> Path:
         """Where the scheduler writes the job's output."""
-        return RunDir(self.run_dir).logs
+        return self.logs_dir or RunDir(self.run_dir).logs
 
 
 def job_script(profile: Profile, spec: JobSpec) -> str:
+    return _script(profile, spec, [
+        "# Each link of a chain runs this same script and resumes from the newest checkpoint;",
+        f"# the launch driver exits {int(ExitCode.OK)} at once when training is complete, "
+        f"{int(ExitCode.STOPPED)} after a walltime save."], shlex.join(spec.driver))
+
+
+def tokenize_scripts(profile: Profile, tasks: JobSpec, merge: Optional[JobSpec], tokenize: list[str],
+                     merge_command: list[str], parts: Path) -> tuple[str, Optional[str]]:
+    """The array job's script (task K runs ``tokenize`` with ``--shard K/N``) and the merge job's."""
+    scheduler = scheduler_named(profile.scheduler)
+    n = max(tasks.tasks, 1)
+    share = f'"${{{scheduler.task_variable}}}/{n}"' if tasks.tasks else f"1/{n}"
+    task_text = _script(profile, tasks, [
+        f"# Task K of {n} tokenizes share K of the inputs ({parts}/plan.json) into {parts}/shard-K-of-{n}/;",
+        "# a task run again skips the datasets its share has finished.",
+        "# Then: keizoku tokenize-merge (the merge job), and keizoku tokenize-merge --check shows each share."],
+        f"{shlex.join(tokenize)} --shard {share}")
+    merge_text = None if merge is None else _script(profile, merge, [
+        f"# Runs once the {n} task(s) of the tokenize job have ended: checks that every share is complete and",
+        "# agrees, then writes each dataset as one run over all the inputs would."], shlex.join(merge_command))
+    return task_text, merge_text
+
+
+def _script(profile: Profile, spec: JobSpec, notes: list[str], command: str) -> str:
     scheduler = scheduler_named(profile.scheduler)
     lines = ["#!/bin/bash"]
     if scheduler.directive_prefix:
         directives = scheduler.directives(profile, spec) + [_fill(d, profile) for d in profile.directives]
         lines += [f"{scheduler.directive_prefix} {d}" for d in directives]
     lines += ["", f"# Written by keizoku {__version__} submit ({profile.scheduler}):",
-              f"#   {spec.command}" if spec.command else "#",
-              "# Each link of a chain runs this same script and resumes from the newest checkpoint;",
-              f"# the launch driver exits {int(ExitCode.OK)} at once when training is complete, "
-              f"{int(ExitCode.STOPPED)} after a walltime save."]
+              f"#   {spec.command}" if spec.command else "#", *notes]
     if profile.setup:
         lines += ["", *profile.setup]
     if profile.env:
         lines += [""] + [f"export {k}={shlex.quote(str(v))}" for k, v in sorted(profile.env.items())]
-    lines += ["", f"cd {shlex.quote(str(spec.workdir))}", f"exec {shlex.join(spec.driver)}", ""]
+    lines += ["", f"cd {shlex.quote(str(spec.workdir))}", f"exec {command}", ""]
     return "\n".join(lines)
 
 

@@ -11,6 +11,13 @@ A refused submission is tried again, after ``submit_retry_s`` waits (10 s, 30 s)
 be reached (``Scheduler.unreachable``: nothing was queued); otherwise, or after the last try, ``SubmitError`` says
 in one line what qsub/sbatch said. If no job of the chain was queued, the job script, plan and driver copy are
 removed (nothing refers to them); the links already queued keep theirs.
+
+``keizoku submit tokenize`` (``submit_tokenize``) submits an array job of N tasks, task K tokenizing share K
+(``keizoku.data.shards``), and a merge job that waits for all of them (``after_ok``: Slurm and PBS start it only if
+every task succeeded; Grid Engine whatever they did, and the merge then names the shares that are not complete). Its
+files go beside the parts (``PARTS`` = ``OUT/parts`` or ``PREFIX.parts``): ``submit/SID.tokenize.sh``,
+``submit/SID.merge.sh``, ``logs/`` (each task's log), ``jobs.jsonl`` (the jobs, and each task's log, which
+``keizoku tokenize-merge --check`` shows beside its share's state).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from keizoku.launch import driver, port, schedulers
 from keizoku.launch.driver import LaunchPlan
 from keizoku.launch.profile import Profile
 from keizoku.launch.schedulers import LOCAL_JOB_ID, scheduler_named
-from keizoku.launch.script import JobSpec, job_script
+from keizoku.launch.script import JobSpec, job_script, tokenize_scripts
 from keizoku.rundir import ExitCode, RunDir, append_jsonl, write_atomic
 from keizoku.schedule import run_length
 
@@ -229,4 +236,162 @@ def _run_here(sub: Submission, profile: Profile, spec: JobSpec, chain: int, log)
             break
     if sub.exit_status not in (ExitCode.OK, ExitCode.STOPPED):
         raise SubmitError(f"the job script failed (exit {sub.exit_status}); see the output above")
+    return sub
+
+
+# --- keizoku submit tokenize: an array job of shares, and the merge ----------------------------------------------
+
+@dataclass
+class TokenizeSubmission:
+    parts: Path  # PARTS: the plan, the shares' parts, submit/, logs/, jobs.jsonl
+    plan: "object"  # keizoku.data.shards.Plan
+    task_script: Path
+    task_text: str
+    merge_script: Optional[Path] = None
+    merge_text: Optional[str] = None
+    commands: list[list[str]] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    exit_status: Optional[int] = None  # local profile: the first failure's, else 0
+
+
+def submit_tokenize(tokenize_args: list[str], opts, profile: Profile, *, tasks: int, merge: bool = True,
+                    remove_parts: bool = False, container: Optional[Path] = None, dry_run: bool = False,
+                    name: Optional[str] = None, workdir: Optional[Path] = None, command: str = "",
+                    log: Callable[[str], None] = print) -> TokenizeSubmission:
+    """Plan ``tasks`` shares of ``keizoku tokenize TOKENIZE_ARGS`` (``opts``: those arguments, parsed), write the
+    array job's script and the merge job's, and submit them (or, with no scheduler, run them here in turn)."""
+    from keizoku.data import shards
+    from keizoku.data.inputs import discover
+    from keizoku.data.tokenize import output_groups
+
+    if tasks < 1:
+        raise SubmitError(f"--tasks: must be at least 1, not {tasks}")
+    if container is not None and not dry_run and not (Path(workdir or ".") / container).exists():
+        raise SubmitError(f"--container {container}: no such image")
+    workdir = Path(workdir or os.getcwd()).resolve()
+    root = shards.parts_root(opts.output_dir, opts.output_prefix)
+    inputs = discover(opts.inputs)
+    output_groups(opts, inputs)  # what keizoku tokenize would refuse (two inputs of one name in --output-dir)
+    plan = shards.make_plan(inputs, tasks, shards.output_of(opts.output_dir, opts.output_prefix))
+    shards.pin_plan(root, plan, write=False)
+    sid = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    stem = Path(opts.output_prefix).name if opts.output_prefix else Path(opts.output_dir).absolute().name
+    binds = [str(workdir), str(root.parent), *(str(d) for d in _input_dirs(opts, workdir))]
+    python = container_python(profile, (workdir / container).resolve(), binds) if container is not None else \
+        [profile.python or sys.executable]
+    output = ["--output-dir", str(opts.output_dir)] if opts.output_dir is not None else \
+        ["--output-prefix", opts.output_prefix]
+    spec = dict(run_dir=root, workdir=workdir, plan=root / shards.PLAN_NAME, driver=[], command=command,
+                walltime_warning=False, logs_dir=root / "logs")
+    task_spec = JobSpec(name=name or f"keizoku-tokenize-{stem}", script=root / "submit" / f"{sid}.tokenize.sh",
+                        tasks=tasks if tasks > 1 else 0, **spec)
+    merge_spec = JobSpec(name=f"keizoku-merge-{stem}", script=root / "submit" / f"{sid}.merge.sh", **spec) \
+        if merge else None
+    task_text, merge_text = tokenize_scripts(
+        profile, task_spec, merge_spec, [*python, "-m", "keizoku", "tokenize", *tokenize_args],
+        [*python, "-m", "keizoku", "tokenize-merge", *output, *["--remove-parts"] * remove_parts], root)
+    sub = TokenizeSubmission(root, plan, task_spec.script, task_text, merge_spec and merge_spec.script, merge_text)
+    scheduler = scheduler_named(profile.scheduler)
+    if dry_run:
+        sub.commands = [scheduler.submit_command(profile, str(task_spec.script))]
+        if merge_spec:
+            sub.commands.append(scheduler.submit_command(profile, str(merge_spec.script), "<tokenize job>",
+                                                         after_ok=True))
+        return sub
+    for job, text in ((task_spec, task_text), (merge_spec, merge_text)):
+        if job is not None:
+            write_atomic(job.script, text, 0o755)
+    task_spec.logs.mkdir(parents=True, exist_ok=True)
+    if not scheduler.queues_jobs:
+        return _tokenize_here(sub, scheduler, task_spec, merge_spec, tasks, log)
+    return _queue_tokenize(sub, profile, scheduler, task_spec, merge_spec, tasks, log)
+
+
+def _input_dirs(opts, workdir: Path) -> list[Path]:
+    """What a container must see of the inputs and the tokenizer: each input's directory (a file's, or the
+    directory given; a glob's fixed part), and a local tokenizer's."""
+    import glob
+
+    dirs = []
+    for spec in [*opts.inputs, opts.tokenizer]:
+        path = workdir / spec
+        if glob.has_magic(spec):
+            path = workdir / spec[:min(spec.index(c) for c in "*?[" if c in spec)]
+        if path.exists() or spec in opts.inputs:
+            dirs.append((path if path.is_dir() else path.parent).resolve())
+    return list(dict.fromkeys(dirs))
+
+
+def _queue_tokenize(sub: TokenizeSubmission, profile: Profile, scheduler: schedulers.Scheduler, task_spec: JobSpec,
+                    merge_spec: Optional[JobSpec], tasks: int, log) -> TokenizeSubmission:
+    jobs = sub.parts / "jobs.jsonl"
+    cmd = scheduler.submit_command(profile, str(task_spec.script))
+    sub.commands.append(cmd)
+    try:
+        job_id = _submit(scheduler, profile, cmd, task_spec.workdir, log)
+    except SubmitError as e:
+        if not e.queued_maybe:
+            for path in (task_spec.script, merge_spec and merge_spec.script):
+                if path is not None:
+                    rundir.discard(path)
+            raise SubmitError(f"{e}; nothing was queued ({task_spec.script.name} is removed); "
+                              f"{e.todo or 'submit again'}") from None
+        raise SubmitError(f"{e}; it may have queued the job all the same: check the queue before submitting again "
+                          f"(a rerun of a share only skips what is finished)") from None
+    sub.job_ids.append(job_id)
+    logs = str(task_spec.logs)
+    task_logs = [scheduler.log_path(logs, task_spec.name, job_id, k if task_spec.tasks else None)
+                 for k in range(1, tasks + 1)]
+    append_jsonl(jobs, {"job_id": job_id, "scheduler": scheduler.name, "kind": "tokenize", "tasks": tasks,
+                        "submitted": time.time(), "script": str(task_spec.script), "name": task_spec.name,
+                        "task_logs": task_logs})
+    log(f"submitted job {job_id}: {tasks} task(s), one per share (logs: {task_logs[0]}" +
+        (f" … {task_logs[-1]})" if tasks > 1 else ")"))
+    if merge_spec is None:
+        return sub
+    cmd = scheduler.submit_command(profile, str(merge_spec.script), job_id, after_ok=True)
+    sub.commands.append(cmd)
+    try:
+        merge_id = _submit(scheduler, profile, cmd, merge_spec.workdir, log)
+    except SubmitError as e:
+        raise SubmitError(f"{e}; the tokenize job {job_id} is queued, the merge job is not: once {job_id} has ended, "
+                          f"run {merge_spec.script} (or keizoku tokenize-merge) yourself") from None
+    sub.job_ids.append(merge_id)
+    append_jsonl(jobs, {"job_id": merge_id, "scheduler": scheduler.name, "kind": "merge", "depends_on": job_id,
+                        "submitted": time.time(), "script": str(merge_spec.script), "name": merge_spec.name,
+                        "log": scheduler.log_path(str(merge_spec.logs), merge_spec.name, merge_id)})
+    log(f"submitted job {merge_id}: the merge, after job {job_id}")
+    return sub
+
+
+def _tokenize_here(sub: TokenizeSubmission, scheduler: schedulers.Scheduler, task_spec: JobSpec,
+                   merge_spec: Optional[JobSpec], tasks: int, log) -> TokenizeSubmission:
+    """No scheduler: the tasks here, one after another, each in its log; then the merge if every task succeeded."""
+    jobs, failed = sub.parts / "jobs.jsonl", []
+    job_id = f"local-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    task_logs = [str(task_spec.logs / f"{job_id}.{k}.log") for k in range(1, tasks + 1)]
+    append_jsonl(jobs, {"job_id": job_id, "scheduler": scheduler.name, "kind": "tokenize", "tasks": tasks,
+                        "submitted": time.time(), "script": str(task_spec.script), "task_logs": task_logs})
+    for k in range(1, tasks + 1):
+        cmd = ["bash", str(task_spec.script)]
+        sub.commands.append(cmd)
+        log(f"running task {k} of {tasks} here (log: {task_logs[k - 1]})")
+        with open(task_logs[k - 1], "w") as out:
+            status = subprocess.run(cmd, cwd=task_spec.workdir, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, scheduler.task_variable: str(k)}).returncode
+        if status != 0:
+            failed.append(k)
+    sub.job_ids.append(job_id)
+    if failed:
+        sub.exit_status = ExitCode.FAILED
+        raise SubmitError(f"task(s) {', '.join(map(str, failed))} of {tasks} failed; see "
+                          f"{', '.join(task_logs[k - 1] for k in failed[:3])}; the merge did not run")
+    if merge_spec is not None:
+        cmd = ["bash", str(merge_spec.script)]
+        sub.commands.append(cmd)
+        log("running the merge here")
+        sub.exit_status = subprocess.run(cmd, cwd=merge_spec.workdir).returncode
+        if sub.exit_status != 0:
+            raise SubmitError(f"the merge failed (exit {sub.exit_status}); see the output above")
+    sub.exit_status = 0
     return sub
