@@ -212,7 +212,9 @@ def _merge_table(result) -> Table:
 
 def _tokenize_table(result, rows: list[dict]) -> Table:
     """One row per dataset, and the total of those made by this run."""
-    table = Table(title=f"keizoku tokenize — {escape(str(result.manifest))}", title_justify="left")
+    table = Table(title=f"keizoku tokenize — {escape(str(result.manifest))}", title_justify="left",
+                  caption=escape(_engine_caption(result.tokenizer)) if result.tokenizer else None,
+                  caption_justify="left")
     for col in ("dataset", "docs", "tokens", "MB", "seconds", "tokens/s", "skipped", "status"):
         table.add_column(col, justify="left" if col in ("dataset", "status") else "right", no_wrap=col != "dataset",
                          overflow="fold", min_width=12 if col == "dataset" else None)
@@ -228,6 +230,12 @@ def _tokenize_table(result, rows: list[dict]) -> Table:
                       f"{result.seconds:.2f}", f"{tokens / result.seconds:,.0f}",
                       f"{sum(r['skipped'] for r in fresh):,}", f"{mb / result.seconds:,.2f} MB/s")
     return table
+
+
+def _engine_caption(info) -> str:
+    """What computed the ids; a tokenizer without a fast path of keizoku's says so, with why."""
+    fast = info.engine.startswith("keizoku.")
+    return f"ids by {info.engine}" + ("" if fast else f" — no keizoku fast path: {info.fast_path_note}")
 
 
 @app.command()

@@ -292,11 +292,12 @@ class ZstdJsonlReader(JsonlReader):
 
 
 # --- decompression -------------------------------------------------------------------------------------------------
-# The main process decompresses every byte of a .gz's or .zst's text, which at 16 workers is as much of its time as
-# the rest of its work: so it uses the fastest inflater installed (python-isal's runs 2-3x as fast as the zlib
+# The main process decompresses every byte of a .gz's or .zst's text, and with many workers how fast it hands out
+# chunks bounds the run: so it uses the fastest inflater installed (python-isal's runs 2-3x as fast as the zlib
 # module's; bench/tokenize/decompress_speed.py), and decompresses on a thread of its own, a few blocks ahead of the
-# line chunking (isal, zlib and zstandard let go of the GIL while they work). Damage raises EOFError, OSError or
-# zlib.error, whichever library decompresses, after every block before it.
+# line chunking (isal, zlib and zstandard let go of the GIL while they work), which takes the decompression off the
+# reading thread's time. Damage raises EOFError, OSError or zlib.error, whichever library decompresses, after every
+# block before it.
 
 _READ = 1 << 16  # gzip: output bytes per read. A read that hits a cut or damage raises, losing only its own bytes
 _ZSTD_READ = 1 << 17  # zstd: compressed bytes per decompress call (more runs slower: its output leaves the cache)
@@ -398,7 +399,7 @@ def in_background(blocks: Iterator[bytes], size: int = _BLOCK, ahead: int = _AHE
                     if not put(b"".join(pending)):
                         return
                     pending, n = [], 0
-            if (not pending or put(b"".join(pending))):
+            if not pending or put(b"".join(pending)):
                 put(done)
         except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
             if not pending or put(b"".join(pending)):

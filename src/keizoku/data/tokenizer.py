@@ -36,6 +36,7 @@ import numpy as np
 
 from keizoku.data import unigram
 from keizoku.data.indexed import optimal_dtype
+from keizoku.errors import KeizokuError
 from keizoku.rundir import write_atomic
 
 # Text that exercises the pre-tokenizer: scripts, digits, contractions, whitespace runs, emoji.
@@ -125,13 +126,26 @@ class EncoderSpec:
     """Everything a worker process needs to rebuild the encoder (picklable)."""
 
     backend: str
-    backend_json: str | None = None  # tokenizers JSON, for hf-fast and for added tokens on tiktoken
+    backend_json: str | None = None  # tokenizers JSON, for hf-fast and for added tokens on tiktoken (json_text())
     name_or_path: str | None = None  # for hf-slow
     pattern: str | None = None
     ranks: dict[bytes, int] = field(default_factory=dict)
     nfc: bool = False
     added_tokens: list[str] = field(default_factory=list)
     unigram: dict | None = None  # backend "unigram": unigram.unigram_spec's result
+    backend_file: tuple[str, str] | None = None  # (tokenizer.json, its sha256): where json_text() reads it from
+
+    def json_text(self) -> str | None:
+        """The tokenizers JSON: ``backend_json``, or — after a start from the prepared cache — read from
+        ``backend_file`` the first time it is needed (Hugging Face's tokenizer for a check or a fallback), which keeps
+        9-17 MB of JSON out of the memory of every worker that never needs it."""
+        if self.backend_json is None and self.backend_file is not None:
+            path, digest = self.backend_file
+            data = Path(path).read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise KeizokuError(f"{path} changed while tokenizing with it; run again")
+            self.backend_json = _as_read_text(data.decode("utf-8"))
+        return self.backend_json
 
 
 class TextEncoder:
@@ -208,7 +222,7 @@ class TextEncoder:
         if self._hf is None:
             from tokenizers import Tokenizer
 
-            self._hf = Tokenizer.from_str(self.spec.backend_json)
+            self._hf = Tokenizer.from_str(self.spec.json_text())
         return self._hf
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -456,11 +470,12 @@ def prepare(name_or_path: str, use_fast: bool = True, fast_bpe: bool = True,
     return Prepared(info, spec, fallback)
 
 
-_PREPARED_FORMAT = 1  # bump when what prepare() caches changes shape
+_PREPARED_FORMAT = 2  # bump when what prepare() caches changes shape
 
 
-def _prepared_cache(name_or_path: str, use_fast: bool, fast_bpe: bool) -> tuple[Path, str] | None:
-    """(where prepare()'s result for this tokenizer is cached, the tokenizer JSON) for a local tokenizer directory:
+def _prepared_cache(name_or_path: str, use_fast: bool, fast_bpe: bool) -> tuple[Path, tuple[str, str]] | None:
+    """(where prepare()'s result for this tokenizer is cached, (its tokenizer.json, that file's sha256)) for a local
+    tokenizer directory:
     parsing 9-17 MB of JSON and building the rank table take most of a second at every start, and each
     ``keizoku tokenize`` of a campaign's thousands of files starts once. Keyed by the tokenizer's files, this
     code (tokenizer.py, unigram.py) and which C encoders load, so that a changed file or build is a miss."""
@@ -472,25 +487,28 @@ def _prepared_cache(name_or_path: str, use_fast: bool, fast_bpe: bool) -> tuple[
         files = [(d / n).read_bytes() if (d / n).is_file() else b""
                  for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
         files += [Path(__file__).read_bytes(), Path(unigram.__file__).read_bytes()]
-        text = files[0].decode("utf-8")
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         return None
     for data in files:
         h.update(len(data).to_bytes(8, "little") + data)
     h.update(json.dumps([_PREPARED_FORMAT, fast_bpe, _c_bpe_module() is not None, unigram.available()]).encode())
-    if "\r" in text:  # as Path.read_text (what load_tokenizer reads) gives it
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return _cache_dir() / f"prepared-{h.hexdigest()[:32]}.pickle", text
+    source = (str((d / "tokenizer.json").absolute()), hashlib.sha256(files[0]).hexdigest())
+    return _cache_dir() / f"prepared-{h.hexdigest()[:32]}.pickle", source
 
 
-def _read_prepared(path: Path, text: str) -> tuple[TokenizerInfo, EncoderSpec, EncoderSpec | None] | None:
+def _as_read_text(text: str) -> str:
+    """``text`` as Path.read_text (what load_tokenizer reads, and what fingerprints hash) gives it."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _read_prepared(path: Path, source: tuple[str, str]) -> tuple[TokenizerInfo, EncoderSpec, EncoderSpec | None] | None:
     try:
         data = path.read_bytes()
         with _no_gc():
             info, spec, fallback = pickle.loads(data)
     except (OSError, ValueError, TypeError, AttributeError, EOFError, pickle.UnpicklingError):
         return None
-    loaded = [replace(x, backend_json=text) if x is not None and x.backend != "hf-slow" else x for x in (spec, fallback)]
+    loaded = [replace(x, backend_file=source) if x is not None and x.backend != "hf-slow" else x for x in (spec, fallback)]
     return info, *loaded
 
 
@@ -542,7 +560,7 @@ def check_fast_path(spec: EncoderSpec, sample_texts: list[str], fingerprint: str
     The C Unigram encoder: the probe (with Unigram's own) and the sample texts."""
     if spec.backend == "unigram":
         return verify(spec, PROBE_TEXTS + unigram.PROBE_TEXTS + list(sample_texts))
-    ok, why = _merges_are_rank_order(spec.backend_json, fingerprint)
+    ok, why = _merges_are_rank_order(spec, fingerprint)
     if not ok:
         return False, why
     return verify(spec, PROBE_TEXTS + list(sample_texts))
@@ -639,7 +657,7 @@ def _byte_level_pattern(pre) -> str | None:
     return split["pattern"]["Regex"]
 
 
-def _merges_are_rank_order(backend_json: str, fingerprint: str) -> tuple[bool, str]:
+def _merges_are_rank_order(spec: EncoderSpec, fingerprint: str) -> tuple[bool, str]:
     """True when HF's merge-priority BPE equals tiktoken's rank-based BPE for this vocabulary.
 
     Needs: merge priority non-decreasing in the merged token's rank, and every split of a token into
@@ -654,7 +672,7 @@ def _merges_are_rank_order(backend_json: str, fingerprint: str) -> tuple[bool, s
     except (OSError, ValueError, KeyError):
         pass
     with _no_gc():
-        model = json.loads(backend_json)["model"]
+        model = json.loads(spec.json_text())["model"]
     why = _rank_order_violation(model["vocab"], model.get("merges") or [])
     _cache_write(cache, json.dumps({"ok": not why, "why": why}))
     return not why, why
