@@ -67,6 +67,12 @@ class ModelConfig:
                 "4096 -> 1024, in bf16); all: every linear layer whose sizes are multiples of 16.")
     compile: Optional[bool] = setting(None, "torch.compile each decoder layer (and the chunked loss's elementwise "
                                             "work); default: on with CUDA, off on a CPU.")
+    router_aux_loss_coef: Optional[float] = setting(
+        None, "Mixture-of-experts models with a router load-balancing loss (Mixtral, Qwen-MoE, OLMoE, …): the "
+              "training loss is the LM loss + this × the load-balancing loss (transformers' aux_loss; logged apart as "
+              "router_aux_loss). Default: the model config's router_aux_loss_coef; 0: off. Other models: leave unset. "
+              "engine: megatron: Megatron-Core's moe_aux_loss_coeff (its own per-layer loss; unset: the coefficient "
+              "Megatron-Bridge sets).")
     trust_remote_code: bool = setting(False, "Allow model code from the hub (transformers' trust_remote_code).")
 
 
@@ -546,6 +552,8 @@ def _check_model(cfg: KeizokuConfig) -> list[str]:
         err.append("model.attn_implementation: empty; use auto (the model's own choice), sdpa, eager, ...")
     if m.full_recompute_layers < 0:
         err.append(f"model.full_recompute_layers: must be >= 0, not {m.full_recompute_layers}")
+    if m.router_aux_loss_coef is not None and not m.router_aux_loss_coef >= 0:
+        err.append(f"model.router_aux_loss_coef: must be >= 0 (0: off), not {m.router_aux_loss_coef}")
     if m.full_recompute_layers > 0 and m.activation_checkpointing == "full":
         err.append("model.full_recompute_layers: every layer already recomputes fully with "
                    "model.activation_checkpointing: full (use none or selective for the other layers)")

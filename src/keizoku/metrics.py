@@ -2,7 +2,8 @@
 
 A record is one JSON line ``{"kind": "train" | "eval", "step": N, ...values}``, appended (a resumed run
 continues the file). ``train`` values: loss, lr, grad_norm, tokens_per_s, tokens_per_s_per_device, step_s,
-tokens (and, where measured, data_share, memory_gib, memory_retries, mfu); ``eval``: ``<set>_loss`` and
+tokens (and, where measured, data_share, memory_gib, memory_retries, mfu; router_aux_loss for a mixture of experts,
+whose ``loss`` stays the LM loss); ``eval``: ``<set>_loss`` and
 ``<set>_ppl`` for each ``data.validation`` set (``eval_values``). ``keizoku status`` and the quickstart read
 them back (``last_record``, ``keizoku.rundir.read_jsonl``).
 """

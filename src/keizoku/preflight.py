@@ -56,7 +56,7 @@ def problems(cfg: KeizokuConfig) -> list[str]:
     model_ok = not found  # else the datasets' paths are still checked, not what they need of the model
     model_config = _model_config(cfg) if model_ok else {}
     if model_ok:
-        found += _positions(cfg, model_config) + _attention(cfg)
+        found += _positions(cfg, model_config) + _router(cfg, model_config) + _attention(cfg)
     run_tokenizer = None
     if model_ok and (cfg.data.blend or cfg.data.validation):
         try:
@@ -145,6 +145,17 @@ def _positions(cfg: KeizokuConfig, model_config: dict) -> list[str]:
         return [f"data.seq_length: {cfg.data.seq_length} is above the model's max_position_embeddings ({limit}, in its "
                 f"config.json); positions past it were never trained. Lower data.seq_length to at most {limit}, or "
                 "extend the model's context first (e.g. rope scaling in its config.json)."]
+    return []
+
+
+def _router(cfg: KeizokuConfig, model_config: dict) -> list[str]:
+    """model.router_aux_loss_coef on a model without a router load-balancing loss (its config.json has no
+    router_aux_loss_coef): there is nothing to weigh."""
+    text = model_config.get("text_config", model_config)
+    if cfg.model.router_aux_loss_coef is not None and model_config and "router_aux_loss_coef" not in text:
+        return [f"model.router_aux_loss_coef: {cfg.model.router_aux_loss_coef} is set, but this model has no router "
+                "load-balancing loss (its config.json has no router_aux_loss_coef: not a mixture of experts). "
+                "Remove the setting."]
     return []
 
 

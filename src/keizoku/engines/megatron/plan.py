@@ -22,6 +22,10 @@ What each keizoku setting becomes, and why where it is not obvious:
   trainer passes no validation blend, so Bridge's own validation is off. With Bridge 0.2 (no callbacks) Bridge
   evaluates the one set: ``eval_iters`` global batches, keizoku's ``eval.batches`` micro batches per
   data-parallel rank rounded up to whole global batches, no evaluation before step 1.
+- ``model.router_aux_loss_coef``: ``moe_aux_loss_coeff`` (Megatron-Core computes and logs its load-balancing
+  loss itself, per MoE layer; transformers pools the layers, so the two engines' values differ); unset, the
+  coefficient the family's bridge sets (from transformers' ``router_aux_loss_coef`` for some families, e.g.
+  OLMoE; a fixed default for others, e.g. Qwen3-MoE's 1e-3).
 - Checkpoints: ``save = load = RUN_DIR/checkpoints`` so a rerun resumes; ``pretrained_checkpoint`` is the
   Megatron import of ``model.hf_path``, which Bridge loads (weights only, iteration 0) only while the run has
   no checkpoint of its own.
@@ -123,6 +127,8 @@ def _model(cfg: KeizokuConfig) -> dict[str, Any]:
     if m.dtype == "fp32":
         model.update(bf16=False, fp16=False, params_dtype="DTYPE:float32", pipeline_dtype="DTYPE:float32",
                      autocast_dtype="DTYPE:float32")
+    if m.router_aux_loss_coef is not None:  # Megatron-Core's own load-balancing loss, per MoE layer
+        model.update(moe_aux_loss_coeff=m.router_aux_loss_coef)
     return model
 
 

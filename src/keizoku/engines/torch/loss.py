@@ -10,11 +10,18 @@ The weight's gradient is summed over chunks in fp32.
 
 ``CausalLMWithLoss`` puts this behind one module for FSDP2: the Hugging Face model's body runs through its own
 modules, then the loss uses the output layer's weight while the root FSDP unit still holds it gathered.
+
+Mixture-of-experts models with a router load-balancing loss (Mixtral, Qwen-MoE, OLMoE, …: transformers' config
+has ``router_aux_loss_coef``, the model's forward takes ``output_router_logits``) train with it added
+(``router_aux_loss_coef``): the model computes it itself (its module's ``load_balancing_loss_func`` over every
+MoE layer's router logits of the micro batch, no attention mask: keizoku's rows are full), exactly as
+transformers' own ``loss`` includes it (``loss + router_aux_loss_coef * aux_loss``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from typing import Callable
 
@@ -135,26 +142,79 @@ def chunking_unsupported(model) -> str | None:
     return None
 
 
+def has_router_aux_loss(model) -> bool:
+    """Whether transformers gives this model a router load-balancing loss (``aux_loss`` with
+    ``output_router_logits=True``, weighted by its config's ``router_aux_loss_coef``)."""
+    return getattr(model.config, "router_aux_loss_coef", None) is not None and \
+        "output_router_logits" in inspect.signature(model.forward).parameters
+
+
+def router_aux_loss_coef(model, setting: float | None) -> float | None:
+    """The weight of the router load-balancing loss to train ``model`` with (``model.router_aux_loss_coef``:
+    ``setting``, None for the model config's own), or None: no such loss, or weight 0 (off). ValueError for a
+    setting on a model that has no such loss."""
+    if not has_router_aux_loss(model):
+        if setting is not None:
+            raise ValueError(f"model.router_aux_loss_coef: {setting} applies only to mixture-of-experts models with a "
+                             f"router load-balancing loss (Mixtral, Qwen-MoE, OLMoE, …); {type(model).__name__} has "
+                             "none: leave it unset")
+        return None
+    coef = float(model.config.router_aux_loss_coef if setting is None else setting)
+    return coef or None
+
+
 class CausalLMWithLoss(torch.nn.Module):
     """A Hugging Face causal LM whose forward returns the summed token loss (fp32 scalar).
 
     ``chunk`` > 0: the chunked loss on the body's last hidden states; 0: the model's own logits, then
-    cross-entropy (for models ``chunking_unsupported`` rejects). The wrapped model keeps its parameter names
-    (``self.lm``), so checkpoints and exports are those of the plain model."""
+    cross-entropy (for models ``chunking_unsupported`` rejects). ``router_aux``: the forward returns
+    (summed token loss, the router load-balancing loss of the batch, unweighted: transformers' ``aux_loss``)
+    instead; for models ``has_router_aux_loss`` accepts. The wrapped model keeps its parameter names (``self.lm``),
+    so checkpoints and exports are those of the plain model."""
 
-    def __init__(self, lm: torch.nn.Module, chunk: int, compile: bool = False):
+    def __init__(self, lm: torch.nn.Module, chunk: int, compile: bool = False, router_aux: bool = False):
         super().__init__()
-        self.lm, self.chunk, self.compile = lm, chunk, compile
+        self.lm, self.chunk, self.compile, self.router_aux = lm, chunk, compile, router_aux
+        # the output layer on one position per row where the model takes it: the chunked loss needs no logits
+        self._keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
         with _positions_not_packed():
             if not self.chunk:
-                return full_lm_loss(self.lm(input_ids=input_ids, use_cache=False).logits, labels)
+                out = self.lm(input_ids=input_ids, use_cache=False, **self._router_kwargs())
+                loss = full_lm_loss(out.logits, labels)
+                return (loss, _aux_tensor(out.aux_loss, loss)) if self.router_aux else loss
             body = getattr(self.lm, self.lm.base_model_prefix)  # LlamaModel etc.: the decoder without the output layer
             # use_cache=False: a KV cache in training only costs memory, and its per-layer state makes torch.compile
             # recompile each decoder layer until its recompile limit, after which the remaining layers run eagerly
-            hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
-        return chunked_lm_loss(hidden, self.lm.get_output_embeddings().weight, labels, self.chunk, self.compile)
+            if self.router_aux:
+                hidden, aux = self._body_and_router_aux(body, input_ids)
+            else:
+                hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
+        loss = chunked_lm_loss(hidden, self.lm.get_output_embeddings().weight, labels, self.chunk, self.compile)
+        return (loss, _aux_tensor(aux, loss)) if self.router_aux else loss
+
+    def _router_kwargs(self) -> dict:
+        return {"output_router_logits": True} if self.router_aux else {}
+
+    def _body_and_router_aux(self, body: torch.nn.Module, input_ids: torch.Tensor):
+        """(the body's last hidden states, the model's aux_loss): the whole model runs, so that transformers
+        computes the load-balancing loss its own way for each family, with the output layer on one position per
+        row (``logits_to_keep=1``, where the model takes it), and the body's output is caught on its way."""
+        caught = []
+        hook = body.register_forward_hook(lambda module, args, output: caught.append(output))
+        try:
+            out = self.lm(input_ids=input_ids, use_cache=False, **self._router_kwargs(), **self._keep_one)
+        finally:
+            hook.remove()
+        return caught[-1].last_hidden_state, out.aux_loss
+
+
+def _aux_tensor(aux, loss: torch.Tensor) -> torch.Tensor:
+    """transformers' aux_loss as an fp32 scalar beside the loss (it is the int 0 when no layer routed)."""
+    if isinstance(aux, torch.Tensor):
+        return aux.float()
+    return torch.full((), float(aux or 0), device=loss.device)
 
 
 def _not_packed(position_ids: torch.Tensor) -> None:

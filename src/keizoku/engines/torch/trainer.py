@@ -36,7 +36,7 @@ from keizoku.config import (ConfigError, KeizokuConfig, reshard_after_forward, s
 from keizoku.data import blend
 from keizoku.errors import KeizokuError
 from keizoku.engines.torch import TrainingError, checkpoint, float8, parallel, profiling, weights
-from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported
+from keizoku.engines.torch.loss import CausalLMWithLoss, chunking_unsupported, router_aux_loss_coef
 from keizoku.engines.torch.model import decoder_layers, flops_per_token, load_model, model_skeleton, peak_flops
 from keizoku.engines.torch.optim import adamw
 from keizoku.engines.torch.parallel import Dist
@@ -133,11 +133,12 @@ class TrainState:
 
 @dataclass
 class StepResult:
-    loss: float
+    loss: float  # the mean token loss (LM loss), without the router load-balancing loss
     grad_norm: float
     stop_requested: bool  # by any rank
     data_s: float  # waiting for batches
     lr: float  # the learning rate this step's update used
+    router_aux_loss: float | None = None  # its mean over the step's micro batches of all ranks (MoE models)
 
 
 class Trainer:
@@ -185,7 +186,8 @@ class Trainer:
             model = load_model(model_cfg, torch.float32, seed=cfg.train.seed, device=d.device).to(d.device)
         self.flops_per_token, self.peak_flops = flops_per_token(model, cfg.data.seq_length), peak_flops(d.device)
         compile = self.cuda if cfg.model.compile is None else cfg.model.compile
-        lm_loss = CausalLMWithLoss(model, self._loss_chunk(model), compile)
+        self.router_aux_coef = self._router_aux_coef(model)
+        lm_loss = CausalLMWithLoss(model, self._loss_chunk(model), compile, router_aux=self.router_aux_coef is not None)
         if cfg.model.fp8 != "none":
             self._convert_to_fp8(model)
         parallel.shard(lm_loss, cfg, d, self.bf16, compile, self.reshard)
@@ -215,6 +217,17 @@ class Trainer:
             self._say(f"train.loss_chunk_tokens: {type(model).__name__}: {why_not}; using full logits")
             return 0
         return chunk
+
+    def _router_aux_coef(self, model: torch.nn.Module) -> float | None:
+        """model.router_aux_loss_coef, resolved against the model (``loss.router_aux_loss_coef``)."""
+        try:
+            coef = router_aux_loss_coef(model, self.cfg.model.router_aux_loss_coef)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        if coef is not None:
+            self._say(f"model.router_aux_loss_coef: {type(model).__name__}: the loss includes its router "
+                      f"load-balancing loss × {coef:g} (router_aux_loss in the metrics)")
+        return coef
 
     def _convert_to_fp8(self, model: torch.nn.Module) -> None:
         fp8, d = self.cfg.model, self.d
@@ -267,6 +280,7 @@ class Trainer:
         """One optimizer step over the step's micro batches of this rank."""
         device, data_s = self.d.device, 0.0
         loss_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)  # router load-balancing loss of each micro batch, summed
         for micro in range(self.accumulation):
             parallel.prepare_micro_batch(self.lm_loss, micro == self.accumulation - 1, self.reshard,
                                          self.unsharded_accumulation)
@@ -279,11 +293,21 @@ class Trainer:
             labels = batch["labels"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16 and not self.cuda):
                 losses = self.lm_loss(tokens, labels)
-            (losses / (self.accumulation * tokens.numel())).backward()  # FSDP averages over ranks: the global mean
+            aux = None
+            if self.router_aux_coef is not None:
+                losses, aux = losses
+                aux_sum += aux.detach()
+            objective = losses / (self.accumulation * tokens.numel())
+            if aux is not None:
+                # the micro batch's load-balancing loss (transformers': over its tokens) weighted as its mean token
+                # loss is: the step's objective is the mean of both over micro batches and ranks
+                objective = objective + self.router_aux_coef * aux / self.accumulation
+            objective.backward()  # FSDP averages over ranks: the global mean
             loss_sum += losses.detach()
-        loss, grad_norm, stop = self._reduce(loss_sum)
+        loss, aux, grad_norm, stop = self._reduce(loss_sum, aux_sum)
+        router_aux = aux if self.router_aux_coef is not None else None
         lr = self.scheduler.get_last_lr()[0]  # the schedule moves on below: this is the step's own
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        if math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm):
             self.optimizer.step()
             if self.cfg.model.fp8 != "none":
                 float8.after_optimizer_step(self.lm_loss, self.cfg.model.fp8, self.fp8_all_gather)
@@ -294,18 +318,20 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_samples += self.cfg.train.global_batch_size
         self.state.consumed_tokens += self.tokens_per_step
-        return StepResult(loss, grad_norm, stop, data_s, lr)
+        return StepResult(loss, grad_norm, stop, data_s, lr, router_aux)
 
-    def _reduce(self, loss_sum: torch.Tensor) -> tuple[float, float, bool]:
-        """(mean token loss over all ranks, gradient norm before clipping, whether any rank was asked to stop), in
-        one host sync a step: each read on its own drains the GPU's queue, which then idles while the CPU catches
-        up. A signal arriving after this point stops the run at the end of the next step."""
+    def _reduce(self, loss_sum: torch.Tensor, aux_sum: torch.Tensor) -> tuple[float, float, float, bool]:
+        """(mean token loss over all ranks, mean router load-balancing loss of their micro batches (0 without),
+        gradient norm before clipping, whether any rank was asked to stop), in one host sync a step: each read on
+        its own drains the GPU's queue, which then idles while the CPU catches up. A signal arriving after this
+        point stops the run at the end of the next step."""
         asked = torch.full((), float(self.stop.signal is not None), device=self.d.device)
-        totals = torch.stack([loss_sum, asked])
+        totals = torch.stack([loss_sum, asked, aux_sum])
         dist.all_reduce(totals)
         grad_norm = parallel.clip_grad_norm(self.model, self.cfg.optim.grad_clip)
-        loss_total, stop_votes, norm = torch.cat([totals, grad_norm.view(1)]).tolist()
-        return loss_total / self.tokens_per_step, norm, stop_votes > 0
+        loss_total, stop_votes, aux_total, norm = torch.cat([totals, grad_norm.view(1)]).tolist()
+        return (loss_total / self.tokens_per_step, aux_total / (self.accumulation * self.d.world), norm,
+                stop_votes > 0)
 
     def _skip_step(self, loss: float, grad_norm: float) -> None:
         step = self.state.step + 1
@@ -318,7 +344,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss and perplexity of every validation set, on its first ``eval.batches`` micro batches per rank."""
+        """Loss and perplexity of every validation set, on its first ``eval.batches`` micro batches per rank (the
+        LM loss: without a router load-balancing loss)."""
         self.lm_loss.eval()
         losses = {}
         for name, dataset in self.valid.items():
@@ -326,7 +353,8 @@ class Trainer:
             for batch in self._loader(dataset, 0, self.eval_samples, 0, False):
                 preflight.check_token_ids(batch["tokens"], self.vocab_rows, f"data.validation.{name}: a sample")
                 tokens, labels = batch["tokens"].to(self.d.device), batch["labels"].to(self.d.device)
-                total[0] += self.lm_loss(tokens, labels)
+                loss = self.lm_loss(tokens, labels)
+                total[0] += loss[0] if self.router_aux_coef is not None else loss  # the LM loss alone
                 total[1] += labels.numel()
             dist.all_reduce(total)
             losses[name] = (total[0] / total[1]).item()
@@ -400,6 +428,8 @@ class Trainer:
         values = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                   "tokens_per_s": per_s, "tokens_per_s_per_device": per_s / self.d.world, "step_s": elapsed,
                   "data_share": result.data_s / elapsed, "tokens": self.state.consumed_tokens}
+        if result.router_aux_loss is not None:
+            values["router_aux_loss"] = result.router_aux_loss
         if self.cuda:
             values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             values["memory_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
