@@ -52,10 +52,11 @@ def _gzipfile(module, size):
     return run
 
 
-def _deflate_obj(zmod, raw_size):
-    """A decompressobj per gzip member, fed ``raw_size`` reads of the file (members: ``eof`` + ``unused_data``)."""
+def _objects(make, raw_size):
+    """A decompressobj per gzip member or zstd frame (``make()``), fed ``raw_size`` reads of the file; a new one at
+    each ``eof``, given the ``unused_data``."""
     def run(f):
-        d = zmod.decompressobj(31)
+        d = make()
         while raw := f.read(raw_size):
             while raw:
                 out = d.decompress(raw)
@@ -63,10 +64,14 @@ def _deflate_obj(zmod, raw_size):
                     yield out
                 if d.eof:
                     raw = d.unused_data
-                    d = zmod.decompressobj(31)
+                    d = make()
                 else:
                     raw = b""
     return run
+
+
+def _deflate_obj(zmod, raw_size):
+    return _objects(lambda: zmod.decompressobj(31), raw_size)
 
 
 def _isal_threaded(size):
@@ -80,23 +85,11 @@ def _isal_threaded(size):
 
 
 def _zstd_obj(raw_size, write_size=None):
-    def run(f):
-        import zstandard
+    import zstandard
 
-        dctx = zstandard.ZstdDecompressor()
-        make = (lambda: dctx.decompressobj(write_size=write_size)) if write_size else dctx.decompressobj
-        d = make()
-        while raw := f.read(raw_size):
-            while raw:
-                out = d.decompress(raw)
-                if out:
-                    yield out
-                if d.eof:
-                    raw = d.unused_data
-                    d = make()
-                else:
-                    raw = b""
-    return run
+    dctx = zstandard.ZstdDecompressor()
+    return _objects((lambda: dctx.decompressobj(write_size=write_size)) if write_size else dctx.decompressobj,
+                    raw_size)
 
 
 def _keizoku(kind):

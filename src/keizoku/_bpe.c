@@ -988,11 +988,13 @@ static PyObject *module_json_text(PyObject *self, PyObject *args) {
 
 /* encode(text) -> list[int] | None (None: the document needs the fallback) */
 static PyObject *Encoder_encode(Encoder *e, PyObject *text) {
-    Py_ssize_t n; const char *s = PyUnicode_AsUTF8AndSize(text, &n);
-    if (!s) return NULL;
+    if (!PyUnicode_Check(text)) { PyErr_SetString(PyExc_TypeError, "text must be str"); return NULL; }
+    Scratch sc = {0};
+    Py_ssize_t n; const uint8_t *s = text_utf8(text, &n, &sc);
+    if (!s) { PyMem_Free(sc.p); return NULL; }
     IdBuf out = {0}; Parts pt = {0};
-    int rc = encode_text(e, (const uint8_t *)s, n, &out, &pt);
-    parts_free(&pt);
+    int rc = encode_text(e, s, n, &out, &pt);
+    parts_free(&pt); PyMem_Free(sc.p);
     if (rc < 0) { PyMem_Free(out.p); return NULL; }
     if (rc == 1) { PyMem_Free(out.p); Py_RETURN_NONE; }
     PyObject *list = PyList_New(out.n);
