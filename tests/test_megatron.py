@@ -640,3 +640,77 @@ print("no megatron.bridge")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "no megatron.bridge" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- phases and extensions
+
+
+def phased_overrides(setup: Path, *more: str) -> list[str]:
+    data = setup / "data"
+    base = [o for o in overrides(setup) if not o.startswith("train.max_steps")]
+    return base + [
+        "phases=[{name: main, max_steps: 12, warmup_steps: 3}, "
+        f"{{name: anneal, max_steps: 8, decay: cosine, blend: [{{path: {data}/ja_sample_text_document}}]}}]",
+        "extensions=[{name: more, max_steps: 10, warmup_steps: 4, lr: 5.0e-4, decay: linear}]",
+        "optim.lr=1e-3", "optim.min_lr=1e-4", *more]
+
+
+def segment_plan(cfg, segment, release):
+    from dataclasses import replace
+
+    seg_cfg = replace(cfg, data=blend.segment_data(cfg, segment))
+    train = blend.blend_of(blend.resolve(seg_cfg.data.blend, "x"), None)
+    return P.plan_megatron(seg_cfg, release=release, world_size=1, train_blend=train, valid_blend=None,
+                           pretrained_checkpoint=None, segment=segment)
+
+
+@pytest.mark.parametrize("release", P_RELEASES)
+def test_each_phase_is_a_bridge_run_of_its_own_data_and_schedule(setup, release):
+    from keizoku.schedule import run_plan
+
+    cfg = load_config(None, phased_overrides(setup))
+    segments = run_plan(cfg).segments
+    plans = [segment_plan(cfg, s, release) for s in segments]
+    assert [p["train"]["train_iters"] for p in plans] == [12, 20, 30]
+    assert [p["dataset"]["random_seed"] for p in plans] == [cfg.data.seed + i for i in range(3)]
+    assert plans[1]["dataset"]["blend_per_split"][0][0] == [str(setup / "data/ja_sample_text_document")]
+    assert plans[2]["dataset"]["blend_per_split"][0][0] == [str(setup / "data/ja_sample_text_document")]  # as it ended
+    assert all(p["scheduler"]["override_opt_param_scheduler"] for p in plans)
+    assert [(p["optimizer"]["lr"], p["optimizer"]["min_lr"]) for p in plans] == [
+        (1e-3, 1e-4), (1e-3, 1e-4), (5e-4, 1e-4)]
+    for p in plans:
+        assert P.unknown_fields(p, FIELDS[release]["classes"]) == []
+
+
+def test_megatron_scheduler_gives_each_phases_rates(bridge, setup, monkeypatch):
+    """Bridge's real scheduler, built from each segment's plan and resumed at the segment's first step (as from the
+    last one's checkpoint), gives keizoku's rate at every step of the segment: the warmup and the re-warm step for
+    step, the decays within 1/(steps − W) of theirs and equal at their last step."""
+    from megatron.bridge.training.config import runtime_config_update
+    from megatron.bridge.training.optim import _get_scheduler
+
+    from keizoku.engines.megatron import container
+    from keizoku.schedule import run_plan
+
+    cfg = load_config(None, phased_overrides(setup))
+    run = run_plan(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    provider = container.hf_bridge(cfg.model.hf_path, False).to_megatron_provider(load_weights=False)
+    for seg in run.segments:
+        c = container.build(segment_plan(cfg, seg, bridge.release), provider)
+        runtime_config_update(c)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = _get_scheduler(c.optimizer, c.scheduler, optimizer)
+        gbs = c.train.global_batch_size
+        scheduler.num_steps = seg.first_step * gbs  # what the checkpoint of the segment before restores
+        scheduler.step(increment=0)
+        megatron, ours = [], []
+        for k in range(seg.first_step, seg.end_step):
+            megatron.append(optimizer.param_groups[0]["lr"])
+            ours.append(run.lr_at(k))
+            scheduler.step(increment=gbs)
+        w = seg.schedule.warmup_steps
+        assert megatron[:w or 1] == pytest.approx(ours[:w or 1], rel=1e-12), seg.name  # warmup, or the first step
+        assert megatron[-1] == pytest.approx(ours[-1], rel=1e-12), seg.name
+        span = seg.schedule.lr - seg.schedule.min_lr
+        assert max(abs(a - b) for a, b in zip(megatron, ours)) <= span * math.pi / (seg.steps - w), seg.name

@@ -1,19 +1,22 @@
 """`keizoku quickstart` end to end, with fewer steps than the default (same code path)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import keizoku
 
+ROOT = Path(__file__).resolve().parents[1]
 FEW = ("--steps", "8", "--base-steps", "4")
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qs") / "out"
+    out = tmp_path_factory.mktemp("qs") / "quickstart-out"  # the name the examples' paths use
     proc = keizoku("quickstart", "--out", out, *FEW)
     return out, proc
 
@@ -80,3 +83,63 @@ def test_refuses_a_directory_it_did_not_make(tmp_path):
     assert proc.returncode == 1
     assert "not a quickstart directory" in proc.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_two_phase_example_end_to_end(quickstart, tmp_path):
+    """examples/ja_cpt_two_phase.yaml on the quickstart's data, from the directory that holds quickstart-out/ (its
+    phases shortened to 6 + 6 steps for the suite's time; same blends, warmup and decay): a kill -9 mid-anneal
+    resumes to the uninterrupted run's weights bit for bit, `keizoku eval` scores the result on a local lm-eval
+    task, and `keizoku report` of both runs renders its plots in headless Chromium."""
+    from test_downstream import TASK, tiny_task
+    from test_report import IMAGES_JS, _browser
+    from test_train import final_weights, metrics
+
+    from keizoku.engines.torch.checkpoint import TEST_HOOK_ENV
+    from keizoku.rundir import committed_checkpoints, kept_reason
+
+    out, _ = quickstart
+    work = out.parent
+    example = ROOT / "examples/ja_cpt_two_phase.yaml"
+    phases = yaml.safe_load(example.read_text())["phases"]
+    assert [p["name"] for p in phases] == ["main", "anneal"] and phases[1]["decay"] == "linear"
+    phases[0].update(max_steps=6, warmup_steps=2)
+    phases[1].update(max_steps=6)
+    short = [f"phases={json.dumps(phases)}", "checkpoint.interval=2", "eval.interval=0"]
+
+    keizoku("train", example, "run_dir=runs/whole", *short, cwd=work)
+    killed = keizoku("train", example, "run_dir=runs/killed", *short, cwd=work, check=False,
+                     env={**os.environ, TEST_HOOK_ENV: "10:staging:kill"})
+    assert killed.returncode != 0
+    resumed = keizoku("train", example, "run_dir=runs/killed", *short, cwd=work).stdout
+    assert "resumed from runs/killed/checkpoints/step_00000008" in resumed  # mid-anneal (steps 7-12)
+    whole, run = work / "runs/whole", work / "runs/killed"
+    a, b = final_weights(whole, 12), final_weights(run, 12)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert [(r["step"], r["loss"], r["lr"], r["phase"]) for r in metrics(run, "train")] == \
+        [(r["step"], r["loss"], r["lr"], r["phase"]) for r in metrics(whole, "train")]
+    assert {c.step: kept_reason(c.path) for c in committed_checkpoints(run) if kept_reason(c.path)} == {
+        6: "the end of phase main", 12: "the end of phase anneal"}
+
+    tasks = tiny_task(tmp_path / "tasks")
+    keizoku("eval", run, "--tasks", TASK, "--include-path", tasks, cwd=work)
+    scores = [r for r in metrics(run, "downstream")]
+    assert [r["step"] for r in scores] == [12] and 0 <= scores[0][f"{TASK}/acc"] <= 1
+    assert json.loads((run / "eval/step_00000012/results.json").read_text())["results"][TASK]["acc,none"] == \
+        scores[0][f"{TASK}/acc"]
+
+    page = Path(keizoku("report", run, whole, cwd=work).stdout.strip())
+    assert page == run / "report.html"
+    browser = _browser()
+    try:
+        browser.get(page.absolute().as_uri())
+        images = browser.execute_script(IMAGES_JS)
+        text = browser.find_element("tag name", "body").text
+    finally:
+        browser.quit()
+    titles = {i["title"] for i in images}
+    assert {"Train and validation loss", "Learning rate", f"Downstream: {TASK}/acc"} <= titles, titles
+    for img in images:
+        assert img["complete"] and img["naturalWidth"] > 400 and 0.01 < img["ink"] < 0.6, img  # drawn on
+    assert "main" in text and "anneal" in text

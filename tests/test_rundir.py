@@ -165,3 +165,30 @@ def test_rundir_is_standard_library_python_3_8():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_a_kept_megatron_phase_end_outlives_bridges_pruning(tmp_path):
+    """engine megatron: the end of a phase is hard-linked into RUN_DIR/phase-ends with a commit marker; when Bridge
+    prunes its own iter_ directory the kept one is still a complete checkpoint, same files."""
+    import shutil
+
+    from keizoku.rundir import MEGATRON_TRACKER, committed_checkpoints, keep_megatron_checkpoint, kept_reason
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (10, 20):
+        (ckpts / f"iter_{step:07d}").mkdir(parents=True)
+        (ckpts / f"iter_{step:07d}/__0_0.distcp").write_bytes(bytes([step]) * 1000)
+    (ckpts / MEGATRON_TRACKER).write_text("20")
+    kept = keep_megatron_checkpoint(tmp_path, 20, "the end of phase main")
+    assert kept == tmp_path / "phase-ends/iter_0000020" and kept_reason(kept) == "the end of phase main"
+    assert (kept / "__0_0.distcp").stat().st_ino == (ckpts / "iter_0000020/__0_0.distcp").stat().st_ino  # linked
+    assert [(c.step, c.path) for c in committed_checkpoints(tmp_path, "megatron")] == [
+        (10, ckpts / "iter_0000010"), (20, ckpts / "iter_0000020")]
+    (ckpts / "iter_0000030").mkdir()
+    (ckpts / MEGATRON_TRACKER).write_text("30")
+    shutil.rmtree(ckpts / "iter_0000010")
+    shutil.rmtree(ckpts / "iter_0000020")  # Bridge's most_recent_k: 1
+    assert [(c.step, c.path) for c in committed_checkpoints(tmp_path, "megatron")] == [(20, kept), (30, ckpts /
+                                                                                                   "iter_0000030")]
+    assert (kept / "__0_0.distcp").read_bytes() == bytes([20]) * 1000
+    assert keep_megatron_checkpoint(tmp_path, 20, "again") == kept  # done already: left as it is

@@ -156,10 +156,61 @@ class CheckpointConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    tasks: list[str] = setting(list, "lm-evaluation-harness tasks to score checkpoints on while training, without "
+                                     "stopping it (keizoku eval; docs/eval.md): task, group or tag names and presets "
+                                     "(ja, en), e.g. [ja, mmlu]. []: off.")
+    every: int = setting(1, "Evaluate the checkpoints of the steps that are multiples of every × checkpoint.interval, "
+                            "and the last step's (0: off). A local run: `keizoku eval` in a separate process, started "
+                            "once the checkpoint is published (its log: RUN_DIR/logs/eval-step_N.log); under a "
+                            "batch scheduler: a job of its own (keizoku submit eval, with eval.downstream.profile).")
+    limit: Optional[int] = setting(None, "At most this many examples per task (a quick look; such scores are not "
+                                         "comparable with full ones).")
+    num_fewshot: Optional[int] = setting(None, "Few-shot examples per prompt; default: each task's own.")
+    batch_size: int = setting(8, "Requests per forward pass.")
+    include_path: Optional[str] = setting(None, "A directory of your own lm-eval task YAMLs (keizoku eval "
+                                                "--include-path).")
+    device: Optional[str] = setting(None, "Where the evaluation runs: cpu, cuda, cuda:N or auto (cuda if there is "
+                                          "one). Default: cpu beside a local run (it never takes memory from "
+                                          "training's GPUs: it sees none), auto in a scheduler's eval job (which has "
+                                          "its own allocation). cuda:N beside a local run: a GPU that training "
+                                          "leaves free.")
+    keep_export: bool = setting(False, "Keep each evaluated checkpoint's Hugging Face export (RUN_DIR/eval/step_N/hf, "
+                                       "as large as the model in its dtype); false: removed once it is evaluated.")
+    profile: Optional[str] = setting(None, "Under a batch scheduler: the site profile (a name or YAML file, as for "
+                                           "keizoku submit) of the eval jobs. Required there: without it a due "
+                                           "checkpoint is not evaluated, and the training log says so.")
+    profile_set: list[str] = setting(list, "Overrides of that profile (keizoku submit --set), e.g. "
+                                           "[walltime=02:00:00, group=tga12345, gpus_per_node=1].")
+
+
+def _check_downstream(d: DownstreamConfig) -> list[str]:
+    err = []
+    if any(not t.strip() or t.strip() != t for t in d.tasks):
+        err.append(f"eval.downstream.tasks: an empty or padded name in {list(d.tasks)}; give lm-eval task names "
+                   "or presets (ja, en)")
+    if d.every < 0:
+        err.append(f"eval.downstream.every: must be >= 0 (0: off), not {d.every}")
+    if d.limit is not None and d.limit < 1:
+        err.append(f"eval.downstream.limit: must be at least 1 (or null: every example), not {d.limit}")
+    if d.num_fewshot is not None and d.num_fewshot < 0:
+        err.append(f"eval.downstream.num_fewshot: must be >= 0 (or null: each task's own), not {d.num_fewshot}")
+    if d.batch_size < 1:
+        err.append(f"eval.downstream.batch_size: must be at least 1, not {d.batch_size}")
+    if d.device is not None and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", d.device):
+        err.append(f"eval.downstream.device: {d.device!r} is not cpu, cuda, cuda:N, mps or auto")
+    if any("=" not in s for s in d.profile_set):
+        err.append(f"eval.downstream.profile_set: each must be key=value, not {list(d.profile_set)}")
+    return err
+
+
+@dataclass
 class EvalConfig:
     interval: int = setting(1000, "Evaluate every N steps (0: never during training).")
     batches: int = setting(8, "Micro batches per validation set and evaluation.")
     at_start: bool = setting(True, "Evaluate before the first step (the base model's loss).")
+    downstream: DownstreamConfig = setting(DownstreamConfig, "Downstream benchmarks (lm-evaluation-harness) on saved "
+                                                             "checkpoints, in the background (docs/eval.md).")
 
 
 @dataclass
@@ -235,6 +286,26 @@ class MegatronConfig:
 
 
 @dataclass
+class PhaseConfig:
+    name: str = setting(MISSING, "The phase's name (metrics, checkpoints and the report carry it), e.g. main, anneal.")
+    max_steps: Optional[int] = setting(None, "Optimizer steps of this phase (give this or max_tokens).")
+    max_tokens: Optional[int] = setting(None, "Tokens of this phase, rounded up to whole global batches.")
+    blend: list[DatasetEntry] = setting(list, "This phase's training datasets, as data.blend (default: data.blend). "
+                                              "Each phase draws its own samples (seed data.seed + its index).")
+    validation: Optional[dict[str, list[DatasetEntry]]] = setting(None, "This phase's validation sets, as "
+                                                                        "data.validation (default: data.validation).")
+    lr: Optional[float] = setting(None, "The learning rate the phase reaches after its warmup, and decays from. "
+                                        "Default: the first phase optim.lr; a later phase the rate where the one "
+                                        "before it ended (the schedule goes on from where it is).")
+    min_lr: Optional[float] = setting(None, "Where the decay ends, at the phase's last step (default: optim.min_lr).")
+    warmup_steps: int = setting(0, "Linear warmup over this many steps, from the rate where the run is (0 for the "
+                                   "first phase) to lr: a re-warm (Ibrahim et al. 2024).")
+    decay: Literal["constant", "linear", "cosine"] = setting(
+        "constant", "The phase's rate after its warmup. constant: lr; linear, cosine: from lr down to min_lr at the "
+                    "phase's last step (an anneal).")
+
+
+@dataclass
 class KeizokuConfig:
     engine: Literal["torch", "megatron"] = setting("torch", "torch: FSDP2 on the Hugging Face model; megatron: "
                                                             "Megatron-Bridge.")
@@ -250,6 +321,16 @@ class KeizokuConfig:
     parallel: ParallelConfig = setting(ParallelConfig, "Distribution over GPUs and nodes.")
     megatron: MegatronConfig = setting(MegatronConfig, "engine: megatron only — Megatron-Bridge parallelism, precision "
                                                        "and the HF import.")
+    phases: list[PhaseConfig] = setting(
+        list, "Train in phases, in order, in one run directory: each with its length, data (blend), validation sets and "
+              "part of the LR schedule, e.g. [{name: main, max_tokens: 9e9, warmup_steps: 100}, {name: anneal, "
+              "max_tokens: 1e9, blend: [...], decay: linear}]. The optimizer state carries across; the last checkpoint "
+              "of each phase is kept. With phases, train.max_steps/max_tokens and schedule are not used (leave them "
+              "unset).")
+    extensions: list[PhaseConfig] = setting(
+        list, "What a finished run was extended by, in order (keizoku extend RUN_DIR writes them; a run's own "
+              "record, RUN_DIR/config.yaml, supplies them to every later start): each is a phase after the run's "
+              "end, continuing the decay from where the rate is or re-warming (warmup_steps, lr).")
 
 
 class ConfigError(KeizokuError, ValueError):
@@ -268,6 +349,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         merged = _merge_yaml(merged, path, text)
     for item in overrides:
         merged = _merge_override(merged, item)
+    merged = _with_recorded_extensions(merged)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:  # what only the whole config shows: a value still missing, ...
@@ -279,6 +361,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 _SEE_DEFAULTS = "keizoku config defaults lists every setting"
+
+
+def _with_recorded_extensions(merged: DictConfig) -> DictConfig:
+    """A run's extensions are the run's (``keizoku extend`` records them in RUN_DIR/config.yaml), not its config
+    file's: a config that names none gets the run's, so every later start, ``status`` and ``submit`` see them."""
+    if merged.extensions or OmegaConf.is_missing(merged, "run_dir"):
+        return merged
+    recorded = RunDir(merged.run_dir).config
+    try:
+        extensions = (yaml.safe_load(recorded.read_text()) or {}).get("extensions") if recorded.is_file() else None
+    except (OSError, yaml.YAMLError, AttributeError):
+        return merged  # unreadable: the start's own check of the run (save_resolved) says so
+    if not extensions:
+        return merged
+    try:
+        return OmegaConf.merge(merged, {"extensions": extensions})
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{recorded}: extensions: {_omegaconf_message(e)}") from None
 
 
 def _read_text(path: str | os.PathLike) -> str:
@@ -539,9 +639,11 @@ def unsharded_grad_accumulation(p: ParallelConfig, world_size: int) -> bool:
 def validate(cfg: KeizokuConfig, world_size: int | None = None) -> list[str]:
     """What the types cannot say; each message starts with the key path. ``world_size``: checked against it too
     once training has started (the command line does not know it yet)."""
-    return (_check_model(cfg) + _check_data(cfg.data) + _check_train(cfg.train)
-            + _check_parallelism(cfg, world_size) + _check_optim(cfg.optim)
-            + _check_schedule(cfg.schedule, cfg.train) + _check_run(cfg, world_size))
+    phased = bool(cfg.phases)
+    return (_check_model(cfg) + _check_data(cfg.data, phased, needs_blend=not phased or not all(p.blend for p in cfg.phases))
+            + _check_train(cfg.train, phased) + _check_parallelism(cfg, world_size) + _check_optim(cfg.optim)
+            + (_check_schedule(cfg.schedule, cfg.train) if not phased else [])
+            + _check_phases(cfg) + _check_run(cfg, world_size) + _check_downstream(cfg.eval.downstream))
 
 
 def _check_model(cfg: KeizokuConfig) -> list[str]:
@@ -560,11 +662,11 @@ def _check_model(cfg: KeizokuConfig) -> list[str]:
     return err
 
 
-def _check_data(d: DataConfig) -> list[str]:
+def _check_data(d: DataConfig, phased: bool = False, needs_blend: bool = True) -> list[str]:
     err = []
-    if not d.blend and not d.mock:
+    if not d.blend and not d.mock and needs_blend:
         err.append("data.blend: no training data given (keizoku never falls back to mock data; set data.mock: true "
-                   "to train on random tokens)")
+                   "to train on random tokens)" + ("; or give every phase its blend" if phased else ""))
     if d.blend and d.mock:
         err.append("data.mock: true together with data.blend; choose one")
     for name, entries in [("data.blend", d.blend)] + [(f"data.validation.{k}", v) for k, v in d.validation.items()]:
@@ -576,9 +678,12 @@ def _check_data(d: DataConfig) -> list[str]:
     return err
 
 
-def _check_train(t: TrainConfig) -> list[str]:
+def _check_train(t: TrainConfig, phased: bool = False) -> list[str]:
     err = []
-    if (t.max_steps is None) == (t.max_tokens is None):
+    if phased and (t.max_steps is not None or t.max_tokens is not None):
+        err.append("train.max_steps / train.max_tokens: the run's length is its phases' (phases[*].max_steps or "
+                   "max_tokens); leave these unset")
+    elif not phased and (t.max_steps is None) == (t.max_tokens is None):
         err.append("train.max_steps / train.max_tokens: give exactly one")
     for key in ("max_steps", "max_tokens", "global_batch_size", "micro_batch_size"):
         value = getattr(t, key)
@@ -634,6 +739,36 @@ def _check_schedule(s: ScheduleConfig, t: TrainConfig) -> list[str]:
         err.append(f"schedule.warmup_steps: {s.warmup_steps} is more than train.max_steps ({t.max_steps})")
     if not 0 < s.decay_fraction <= 1:
         err.append(f"schedule.decay_fraction: must be in (0, 1], not {s.decay_fraction}")
+    return err
+
+
+def _check_phases(cfg: KeizokuConfig) -> list[str]:
+    """phases and extensions: each one's length, rates and data."""
+    err, names = [], set()
+    for section, phases in (("phases", cfg.phases), ("extensions", cfg.extensions)):
+        for i, ph in enumerate(phases):
+            key = f"{section}[{i}]"
+            if not ph.name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", ph.name):
+                err.append(f"{key}.name: {ph.name!r}: use letters, digits, '_', '-' and '.' (it names files)")
+            elif ph.name in names:
+                err.append(f"{key}.name: {ph.name!r} is used twice; each phase needs its own name")
+            names.add(ph.name)
+            if (ph.max_steps is None) == (ph.max_tokens is None):
+                err.append(f"{key}: give exactly one of max_steps and max_tokens")
+            for name in ("max_steps", "max_tokens"):
+                if getattr(ph, name) is not None and getattr(ph, name) < 1:
+                    err.append(f"{key}.{name}: must be at least 1, not {getattr(ph, name)}")
+            if ph.warmup_steps < 0 or ph.max_steps is not None and ph.warmup_steps > ph.max_steps:
+                err.append(f"{key}.warmup_steps: must be between 0 and the phase's max_steps, not {ph.warmup_steps}")
+            if ph.lr is not None and not ph.lr > 0:
+                err.append(f"{key}.lr: must be > 0, not {ph.lr}")
+            if ph.min_lr is not None and not ph.min_lr >= 0:
+                err.append(f"{key}.min_lr: must be >= 0, not {ph.min_lr}")
+            err += _check_entries(f"{key}.blend", ph.blend, budgets_allowed=True)
+            for name, entries in (ph.validation or {}).items():
+                err += _check_entries(f"{key}.validation.{name}", entries, budgets_allowed=False)
+    if cfg.phases and cfg.data.mock:
+        err.append("phases: not with data.mock (each phase names its data)")
     return err
 
 
@@ -788,11 +923,11 @@ class RunChangeError(ConfigError):
 
 
 def save_resolved(cfg: KeizokuConfig, run_dir: str | os.PathLike, *, allow_changes: bool = False,
-                  has_trained: bool = False, argv: list[str] | None = None) -> Path:
+                  has_trained: bool = False, argv: list[str] | None = None, act: str | None = None) -> Path:
     """Write RUN_DIR/config.yaml (atomically): exactly what the run uses, and append this start to
     RUN_DIR/config-history.jsonl (time, command line, settings changed). A run that ``has_trained`` (a complete
     checkpoint) keeps its definition: a change outside ``FREE_TO_CHANGE`` raises RunChangeError unless
-    ``allow_changes`` (recorded)."""
+    ``allow_changes`` (recorded). ``act``: a start that is not training (``extend``), recorded as such."""
     import json
     import sys
     import time
@@ -806,14 +941,16 @@ def save_resolved(cfg: KeizokuConfig, run_dir: str | os.PathLike, *, allow_chang
     changes = run_changes(before, yaml.safe_load(resolved)) if isinstance(before, dict) else {}
     if changes and has_trained and not allow_changes:
         said = ", ".join(f"{k} {_show(old)} → {_show(new)}" for k, (old, new) in changes.items())
-        hint = (" (another length reshapes the LR schedule from its first step)"
-                if {"train.max_steps", "train.max_tokens"} & set(changes) else "")
+        hint = (" (another length reshapes the LR schedule from its first step; to train on after the end, use "
+                "keizoku extend RUN_DIR --steps N)" if {"train.max_steps", "train.max_tokens"} & set(changes) else "")
         raise RunChangeError(f"{run.config}: this run has trained, and this start changes what it trains: {said}"
                              f"{hint}. Use a new run_dir, or add --allow-changes to apply the change (recorded in "
                              f"{run.history})")
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": argv if argv is not None else
               sys.argv[1:], "changes": {k: list(v) for k, v in changes.items()}, "allowed": bool(changes)
               and allow_changes, "first": before is None}
+    if act:
+        record["act"] = act
     run.path.mkdir(parents=True, exist_ok=True)
     with open(run.history, "a") as f:
         f.write(json.dumps(record, default=str) + "\n")

@@ -1,11 +1,15 @@
 """The run's metrics, as both engines write them: ``RUN_DIR/metrics.jsonl``, the console, TensorBoard, W&B.
 
-A record is one JSON line ``{"kind": "train" | "eval", "step": N, ...values}``, appended (a resumed run
-continues the file). ``train`` values: loss, lr, grad_norm, tokens_per_s, tokens_per_s_per_device, step_s,
+A record is one JSON line ``{"kind": "train" | "eval" | "downstream", "step": N, ...values}``, appended (a resumed
+run continues the file). ``train`` values: loss, lr, grad_norm, tokens_per_s, tokens_per_s_per_device, step_s,
 tokens (and, where measured, data_share, memory_gib, memory_retries, mfu; router_aux_loss for a mixture of experts,
 whose ``loss`` stays the LM loss); ``eval``: ``<set>_loss`` and
-``<set>_ppl`` for each ``data.validation`` set (``eval_values``). ``keizoku status`` and the quickstart read
-them back (``last_record``, ``keizoku.rundir.read_jsonl``).
+``<set>_ppl`` for each ``data.validation`` set (``eval_values``). ``downstream`` records are appended by
+``keizoku eval`` (``keizoku.downstream``, run by hand or by ``eval.downstream`` in a process of its own, not through
+``MetricsLogger``): ``{"kind": "downstream", "step": N, "<task>/<metric>": value, ...}``, one per evaluation of the
+checkpoint of step N, from lm-eval's ``"<metric>,<filter>"`` (filter ``none`` dropped, another kept after ``_``:
+``gsm8k/exact_match_strict-match``; no standard errors); they may come after records of later steps.
+``keizoku status`` and the quickstart read them back (``last_record``, ``keizoku.rundir.read_jsonl``).
 """
 
 from __future__ import annotations

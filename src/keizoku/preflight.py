@@ -8,10 +8,13 @@ line per problem, each naming the config key at fault and what to do:
   config.json, no weights where a first start needs them); a hub id that cannot be read here;
 - ``data.seq_length`` above the model's ``max_position_embeddings``; (engine torch) a ``model.attn_implementation``
   the model cannot use;
-- every path of ``data.blend`` and ``data.validation``: a missing directory, manifest or ``.bin``/``.idx`` pair;
+- every path of ``data.blend`` and ``data.validation`` (and of each phase's and extension's): a missing directory,
+  manifest or ``.bin``/``.idx`` pair;
 - every dataset whose manifest says it was tokenized with a vocabulary larger than the model's embedding (its ids
   would index past it, a minute into training), or with another tokenizer than the run's (same ids, other tokens;
-  ``data.require_run_tokenizer: false`` accepts any tokenizer whose ids fit).
+  ``data.require_run_tokenizer: false`` accepts any tokenizer whose ids fit);
+- ``eval.downstream`` (when on): lm-eval not installed, an ``include_path`` that is not there, a ``profile`` that does
+  not load (``keizoku.downstream.problems``).
 
 ``keizoku train`` (both engines) stops on them before it makes the run directory (exit 2, ``ExitCode.CONFIG``);
 ``keizoku config check`` prints them. Datasets without a manifest (made by Megatron-LM's tools) are checked as
@@ -50,7 +53,7 @@ class RunTokenizer:
 
 def problems(cfg: KeizokuConfig) -> list[str]:
     """Every problem found (see the module docstring); empty when the inputs can give what the config asks."""
-    from keizoku import base_model
+    from keizoku import base_model, downstream
 
     found = _model_files(cfg)
     model_ok = not found  # else the datasets' paths are still checked, not what they need of the model
@@ -58,7 +61,15 @@ def problems(cfg: KeizokuConfig) -> list[str]:
     if model_ok:
         found += _positions(cfg, model_config) + _router(cfg, model_config) + _attention(cfg)
     run_tokenizer = None
-    if model_ok and (cfg.data.blend or cfg.data.validation):
+    entries = [(f"data.blend[{i}].path", e) for i, e in enumerate(cfg.data.blend)]
+    entries += [(f"data.validation.{name}[{i}].path", e) for name, es in cfg.data.validation.items()
+                for i, e in enumerate(es)]
+    for section, phases in (("phases", cfg.phases), ("extensions", cfg.extensions)):
+        for j, ph in enumerate(phases):
+            entries += [(f"{section}[{j}].blend[{i}].path", e) for i, e in enumerate(ph.blend)]
+            entries += [(f"{section}[{j}].validation.{name}[{i}].path", e)
+                        for name, es in (ph.validation or {}).items() for i, e in enumerate(es)]
+    if model_ok and entries:
         try:
             from keizoku.data.tokenizer import ids_fingerprint, load_tokenizer, tokenizer_fingerprint
 
@@ -68,12 +79,9 @@ def problems(cfg: KeizokuConfig) -> list[str]:
         except (OSError, ValueError) as e:
             key = "model.tokenizer" if cfg.model.tokenizer else "model.hf_path"
             found.append(f"{key}: cannot load the tokenizer: {' '.join(str(e).split())}")
-    entries = [(f"data.blend[{i}].path", e) for i, e in enumerate(cfg.data.blend)]
-    entries += [(f"data.validation.{name}[{i}].path", e) for name, es in cfg.data.validation.items()
-                for i, e in enumerate(es)]
     for key, entry in entries:
         found += _dataset(cfg, key, entry, model_config, run_tokenizer)
-    return found
+    return found + downstream.problems(cfg)
 
 
 def vocab_size(model_config: dict) -> int | None:

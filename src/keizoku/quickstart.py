@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import math
 import shutil
@@ -315,31 +314,12 @@ class _Quickstart:
     # ------------------------------------------------------------ results
 
     def plot(self) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """RUN_DIR/loss.png of the CPT run: the plot ``keizoku report`` starts with (``keizoku.report.loss_figure``)."""
+        from keizoku.report import write_loss_png
 
         run_dir = Path(self.results["cpt"]["run_dir"])
-        records = _metrics(run_dir)
-        train = [r for r in records if r["kind"] == "train"]
-        evals = [r for r in records if r["kind"] == "eval"]
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (ja + en replay)",
-                color="0.55")
-        for lang, color in (("ja", "tab:red"), ("en", "tab:blue")):
-            ax.plot([r["step"] for r in evals], [r[f"{lang}_loss"] for r in evals], marker="o", color=color,
-                    label=f"{lang} validation loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title("keizoku quickstart: continual pre-training of the tiny base on Japanese")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        png = io.BytesIO()
-        fig.savefig(png, format="png")
-        plt.close(fig)
-        return write_atomic(run_dir / "loss.png", png.getvalue())
+        return write_loss_png(run_dir, run_dir / "loss.png", "keizoku quickstart: continual pre-training of the tiny "
+                              "base on Japanese", train_label="train loss (ja + en replay)")
 
     def summary(self, plot: Path, wall: float) -> dict:
         r = self.results

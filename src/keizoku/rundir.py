@@ -14,8 +14,11 @@ Layout of ``RUN_DIR`` (``run_dir:`` in the config; ``RunDir`` below names each p
     tensorboard/                TensorBoard events (logging.tensorboard)
     checkpoints/
       step_00001000/            engine torch: DCP shards, rng_rank{R}.pt, trainer_state.json, keizoku-commit.json
+                                (its "keep": the end of a phase, never pruned)
       iter_0001000/             engine megatron: Megatron-Bridge's torch_dist checkpoint
       latest_checkpointed_iteration.txt   engine megatron: Megatron's own commit record (below)
+    phase-ends/iter_0001000/    engine megatron: the last checkpoint of a phase, kept (hard links to the files of
+                                Bridge's own, which Bridge prunes; keep_megatron_checkpoint), with a commit marker
     data-cache/                 megatron-core's sample-index caches (data.cache_dir)
     profile/                    logging.profile_step: each profiled rank's trace and operator table
     megatron.json               engine megatron: what export needs besides config.yaml
@@ -28,6 +31,11 @@ Layout of ``RUN_DIR`` (``run_dir:`` in the config; ``RunDir`` below names each p
     submit/SID.sh, SID.plan.json (+ SID.launch/ with --container)   what keizoku submit wrote
     logs/                       the scheduler's output of each job
     loss.png                    keizoku quickstart: the losses, plotted
+    report.html                 keizoku report: the run's plots and table, one self-contained HTML page (keizoku.report)
+    eval/step_00001000/         keizoku eval (eval.downstream): results.json (lm-eval's), hf/ (the export it read);
+                                eval/jobs.jsonl: submitted eval jobs; logs/eval-step_00001000.log: a local eval's output
+    schedule.json, schedule.png the run's segments (phases, extensions) and its LR at every step, as planned at the
+                                last start or extension (keizoku.schedule.RunPlan.to_json)
 
 An export (``keizoku export RUN_DIR --out DIR``) is written where ``--out`` says, never inside ``checkpoints/``,
 into a new or empty DIR, replacing only an earlier export and only with ``--overwrite``
@@ -144,6 +152,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def phase_ends(self) -> Path:
+        return self.path / "phase-ends"
 
     @property
     def data_cache(self) -> Path:
@@ -310,10 +322,14 @@ def checkpoint_path(run_dir: PathLike, step: int, engine: str = "torch") -> Path
     return RunDir(run_dir).checkpoints / name
 
 
-def commit_checkpoint(staged: PathLike, final: PathLike, step: int, engine: str = "torch") -> Path:
+def commit_checkpoint(staged: PathLike, final: PathLike, step: int, engine: str = "torch",
+                      keep: Optional[str] = None) -> Path:
     """Write the commit marker into a fully written staging directory, then publish it as ``final`` (an existing
-    checkpoint of that name is replaced, as a run restarted with ``checkpoint.resume: none`` saves anew)."""
+    checkpoint of that name is replaced, as a run restarted with ``checkpoint.resume: none`` saves anew). ``keep``:
+    why pruning must never remove it (the end of a phase), recorded in the marker."""
     record = {"step": step, "engine": engine, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if keep:
+        record["keep"] = keep
     marker = Path(staged) / COMMIT
     with open(marker, "w") as f:
         f.write(json.dumps(record) + "\n")
@@ -342,6 +358,12 @@ def committed_checkpoints(run_dir: PathLike, engine: Optional[str] = None) -> Li
         m = _MEGATRON_CHECKPOINT.match(name)
         if m and tracked is not None and int(m.group(1)) <= tracked and (root / name).is_dir():
             found.append(Checkpoint(int(m.group(1)), root / name, "megatron"))
+    kept = RunDir(run_dir).phase_ends  # engine megatron's kept phase ends, where Bridge's pruning does not look
+    seen = {(c.step, c.engine) for c in found}
+    for name in os.listdir(kept) if kept.is_dir() else ():
+        m = _MEGATRON_CHECKPOINT.match(name)
+        if m and is_committed(kept / name) and (int(m.group(1)), "megatron") not in seen:
+            found.append(Checkpoint(int(m.group(1)), kept / name, "megatron"))
     return sorted((c for c in found if engine in (None, c.engine)), key=lambda c: (c.step, c.engine))
 
 
@@ -359,10 +381,48 @@ def find_checkpoint(run_dir: PathLike, step: Optional[int] = None,
     return next((c for c in committed_checkpoints(run_dir, engine) if c.step == step), None)
 
 
+def kept_reason(path: PathLike) -> Optional[str]:
+    """Why a complete checkpoint is kept whatever ``checkpoint.keep_last`` says (its marker's ``keep``), or None."""
+    try:
+        return json.loads((Path(path) / COMMIT).read_text()).get("keep")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def keep_checkpoint(path: PathLike, reason: str) -> None:
+    """Mark a complete engine-torch checkpoint as kept (``keizoku extend``: the end of the run it extends). The
+    marker is replaced by a rename: the checkpoint stays complete at every instant."""
+    marker = Path(path) / COMMIT
+    record = json.loads(marker.read_text())
+    record["keep"] = reason
+    write_atomic(marker, json.dumps(record) + "\n")
+
+
+def keep_megatron_checkpoint(run_dir: PathLike, step: int, reason: str) -> Path:
+    """Engine megatron: keep the complete checkpoint of ``step`` (the end of a phase) whatever Bridge's pruning does.
+    Bridge removes every ``iter_*`` under RUN_DIR/checkpoints but its newest ``checkpoint.keep_last``, so the kept
+    copy lives in RUN_DIR/phase-ends: the same files hard-linked (no data copied; a file of the original that Bridge
+    deletes stays here), a commit marker with ``keep`` written last, published by rename."""
+    source = checkpoint_path(run_dir, step, "megatron")
+    final = RunDir(run_dir).phase_ends / source.name
+    if is_committed(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = staging_path(final)
+    discard(staged)
+    try:
+        shutil.copytree(source, staged, copy_function=os.link)
+    except OSError:  # another file system than the run's: a copy
+        discard(staged)
+        shutil.copytree(source, staged)
+    return commit_checkpoint(staged, final, step, engine="megatron", keep=reason)
+
+
 def prune_checkpoints(run_dir: PathLike, keep_last: int) -> List[Path]:
-    """Discard all but the newest ``keep_last`` complete engine-torch checkpoints; returns what was removed."""
+    """Discard all but the newest ``keep_last`` complete engine-torch checkpoints, never one marked kept (the end of
+    a phase: ``kept_reason``); returns what was removed."""
     torch_done = committed_checkpoints(run_dir, "torch")
-    old = torch_done[:-keep_last] if keep_last > 0 else torch_done
+    old = [c for c in (torch_done[:-keep_last] if keep_last > 0 else torch_done) if not kept_reason(c.path)]
     for c in old:
         discard(c.path)
     return [c.path for c in old]

@@ -129,7 +129,7 @@ def submit(
     queued: the job script and plan are removed), or the local job failed; 2 bad config or profile.
 
     To tokenize on many nodes instead: keizoku submit tokenize --profile NAME --tasks N -- TOKENIZE ARGS
-    (keizoku submit tokenize --help).
+    (keizoku submit tokenize --help); to evaluate on a node: keizoku submit eval --profile NAME -- EVAL ARGS.
     """
     import shlex
 
@@ -284,6 +284,89 @@ def submit_tokenize(
         f"--output-prefix {opts.output_prefix}"
     log(f"job scripts in {result.parts}/submit; follow with: keizoku tokenize-merge {output} --check "
         f"(or keizoku status {result.parts})")
+    if result.job_ids and scheduler_named(prof.scheduler).queues_jobs:
+        print(" ".join(result.job_ids))
+
+
+@app.command("submit-eval", hidden=True)  # spelled `keizoku submit eval` (cli.main routes it here)
+def submit_eval(
+    eval_args: Annotated[list[str], typer.Argument(
+        help="After --: the arguments of keizoku eval (PATH, --tasks, --step, ...), as you would run it here.",
+        show_default=False, metavar="-- EVAL_ARGS")],
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Site profile, as for training: tsubame4, abci3, "
+                                         "slurm, local, one of yours or a YAML file.", show_default=False)] = ...,
+    walltime: Annotated[Optional[str], typer.Option("--walltime", help="Time limit of the job, HH:MM:SS or "
+                                                    "D-HH:MM:SS.")] = None,
+    container: Annotated[Optional[Path], typer.Option(help="Run keizoku in this Apptainer image (.sif).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a profile setting: key=value (e.g. "
+                                                      "gpus_per_node=1, queue=gpu_1, group=tga12345).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="The job's name (default: keizoku-eval-RUN[-STEP]).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the job script and the submit command; write "
+                                          "and submit nothing.")] = False,
+) -> None:
+    """Evaluate on a node of the cluster: one job (one node) that runs `keizoku eval EVAL_ARGS`.
+
+    What eval.downstream does for each due checkpoint of a run trained under a scheduler. The job script goes into
+    the run directory (RUN_DIR/submit/SID.eval-step_N.sh; the job's output in RUN_DIR/logs; the job in
+    RUN_DIR/eval/jobs.jsonl), or for a Hugging Face model into its results directory (--out). keizoku eval's
+    --device defaults to auto: the job's GPU if the profile gives it one (gpus_per_node), else its CPUs.
+
+    Example:
+
+        keizoku submit eval --profile tsubame4 --set group=tga12345 -- runs/my-run --step 2000 --tasks ja
+
+    Exit status: 0 submitted (--profile local: evaluated); 1 qsub/sbatch refused or could not reach the
+    scheduler, or the local eval failed; 2 bad arguments or profile (nothing written).
+    """
+    import shlex
+
+    import click
+
+    from keizoku.downstream import EVAL_JOB_SETTINGS, EvalError, default_out, expand_tasks, resolve
+    from keizoku.errors import KeizokuError
+    from keizoku.launch.schedulers import scheduler_named
+    from keizoku.launch.submit import SubmitError
+    from keizoku.launch.submit import submit_eval as submit_job
+
+    try:
+        parsed = typer.main.get_command(app).commands["eval"].make_context("keizoku eval", list(eval_args))
+    except click.ClickException as e:
+        error(f"the eval arguments (after --): {e.format_message()}")
+        raise typer.Exit(ExitCode.CONFIG) from None
+    params = parsed.params
+    if not expand_tasks(params["tasks"]):
+        error("the eval arguments (after --): --tasks: no task given")
+        raise typer.Exit(ExitCode.CONFIG)
+    try:  # what keizoku eval would refuse at once: the path, the checkpoint
+        target = resolve(params["path"], params["step"], params["out_dir"])
+    except EvalError as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.CONFIG) from None
+    if target.run is not None:
+        home, jobs = target.run.path, target.run.path / "eval" / "jobs.jsonl"
+    else:
+        home = target.results_dir if params["out_dir"] is not None else default_out(params["path"])
+        jobs = home / "jobs.jsonl"
+    sets = list(set_ or []) + list(EVAL_JOB_SETTINGS) + ([f"walltime={walltime}"] if walltime else [])
+    prof = _launch_profile(profile, sets)
+    binds = tuple(str(Path(p).resolve()) for p in [params["path"], *(params["include_path"] or [])])
+    try:
+        result = submit_job(list(eval_args), home, jobs, prof, step=params["step"], container=container, binds=binds,
+                            dry_run=dry_run, name=name, log=log,
+                            command=shlex.join(["keizoku", "submit", "eval",
+                                                *sys.argv[3 if sys.argv[1:3] == ["submit", "eval"] else 2:]]))
+    except SubmitError as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.FAILED) from None
+    except (KeizokuError, OSError) as e:
+        error(str(e))
+        raise typer.Exit(ExitCode.FAILED) from None
+    if dry_run:
+        print(f"# {result.script} (dry run: not written)\n{result.script_text}")
+        print("# would run:")
+        for cmd in result.commands:
+            print(f"#   {shlex.join(cmd)}")
+        return
     if result.job_ids and scheduler_named(prof.scheduler).queues_jobs:
         print(" ".join(result.job_ids))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,7 +13,7 @@ import typer
 from keizoku.cli.app import app, error, leave, load_config_or_exit, log
 from keizoku.cli.app import out as stdout
 from keizoku.errors import KeizokuError
-from keizoku.rundir import ExitCode
+from keizoku.rundir import ExitCode, RunDir
 
 
 @app.command()
@@ -83,6 +84,89 @@ def train(
               "resume from it")
         status = ExitCode.INTERRUPTED
     leave(status)
+
+
+class Decay(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+@app.command()
+def extend(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory to extend (a run that has trained).",
+                                            show_default=False)],
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps to add after the run's end.",
+                                                 show_default=False)] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", help="Tokens to add (whole global batches).",
+                                                  show_default=False)] = None,
+    rewarm_steps: Annotated[int, typer.Option("--rewarm-steps", help="Re-warm: climb linearly from the rate where the "
+                                                                     "run is to --lr over this many steps, then "
+                                                                     "decay. 0: continue the decay from where the "
+                                                                     "rate is.")] = 0,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="The re-warm's peak (default: optim.lr).",
+                                                show_default=False)] = None,
+    min_lr: Annotated[Optional[float], typer.Option("--min-lr", help="Where the decay ends, at the extension's last "
+                                                                     "step (default: optim.min_lr).",
+                                                    show_default=False)] = None,
+    decay: Annotated[Optional[Decay], typer.Option("--decay", help="The rate after the re-warm, or from where it is "
+                                                                   "(default: cosine after a re-warm; else the shape "
+                                                                   "the run ended with).", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="The extension's name in metrics and checkpoints "
+                                                               "(default: extension-K).", show_default=False)] = None,
+    blend: Annotated[Optional[str], typer.Option("--blend", help="Its training data, as data.blend in YAML, e.g. "
+                                                                "'[{path: tokenized/new, weight: 1}]' (default: "
+                                                                "what the run ended on).", show_default=False)] = None,
+) -> None:
+    """Train a run past its end, explicitly: append an extension to its schedule (recorded in the run's config.yaml
+    and config-history.jsonl), print and plot the whole schedule; then train as before to run it.
+
+    The steps already trained keep their rates. Continue the decay from where the rate is (the default), or re-warm
+    to a new peak (Ibrahim et al. 2024): keizoku extend RUN_DIR --steps 2000 --rewarm-steps 100 --lr 1e-4.
+    """
+    from keizoku.config import ConfigError
+    from keizoku.extension import extend as extend_run
+
+    entries = None
+    if blend is not None:
+        entries = _blend_option(blend)
+    try:
+        done = extend_run(run_dir, steps=steps, tokens=tokens, rewarm_steps=rewarm_steps, lr=lr, min_lr=min_lr,
+                          decay=decay.value if decay else None, name=name, blend=entries, argv=sys.argv[1:])
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            error(line)
+        leave(ExitCode.CONFIG)
+    except KeizokuError as e:
+        error(str(e))
+        leave(ExitCode.CONFIG)
+    per_step = done.cfg.train.global_batch_size * done.cfg.data.seq_length
+    lines = [f"keizoku: {run_dir}: extended by {done.extension.name}; the run's schedule is now:"]
+    lines += [f"  {seg.describe(per_step)}" for seg in done.plan.segments]
+    if done.kept is not None:
+        lines.append(f"  kept: {done.kept} (the run's end)")
+    lines += [f"  plotted: {done.plot}", f"  recorded: {RunDir(run_dir).history}",
+              f"continue with: keizoku train CONFIG (or {RunDir(run_dir).config}), as before"]
+    for line in lines:
+        stdout.print(line, highlight=False, markup=False, soft_wrap=True)
+    leave(ExitCode.OK)
+
+
+def _blend_option(text: str):
+    """--blend YAML → dataset entries, or a one-line error and exit 2."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from keizoku.config import DatasetEntry
+
+    try:
+        items = yaml.safe_load(text)
+        if not isinstance(items, list) or not items:
+            raise ValueError("expected a list such as '[{path: tokenized/new, weight: 1}]'")
+        return [OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetEntry), item)) for item in items]
+    except Exception as e:  # YAML, the shape, an unknown key: all one message
+        error(f"--blend {text}: {' '.join(str(e).split())[:300]}")
+        leave(ExitCode.CONFIG)
 
 
 class ExportDtype(str, Enum):

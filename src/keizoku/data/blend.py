@@ -108,7 +108,8 @@ def resolve_entry(entry: DatasetEntry, where: str) -> Source:
     return Source(where.rsplit(".", 1)[0], prefixes, tokens, entry.weight, entry.tokens)
 
 
-def blend_of(sources: list[Source], total_tokens: int | None) -> tuple[list[str], list[float] | None]:
+def blend_of(sources: list[Source], total_tokens: int | None,
+             key: str = "data.blend") -> tuple[list[str], list[float] | None]:
     """Megatron's (prefixes, weights): a source's weight is shared among its datasets by their tokens."""
     if all(s.weight is None and s.budget is None for s in sources):
         if len(sources) == 1 and len(sources[0].prefixes) == 1:
@@ -117,8 +118,11 @@ def blend_of(sources: list[Source], total_tokens: int | None) -> tuple[list[str]
     elif sources[0].budget is not None:
         budget = sum(s.budget for s in sources)
         if total_tokens is not None and abs(budget - total_tokens) > 0.01 * total_tokens:
-            raise DataError(f"data.blend: token budgets add up to {budget:,} tokens but the run trains on "
-                            f"{total_tokens:,} (train.max_tokens, or max_steps × global batch × seq_length)")
+            raise DataError(f"{key}: token budgets add up to {budget:,} tokens but the run trains on "
+                            f"{total_tokens:,} (train.max_tokens, or max_steps × global batch × seq_length)"
+                            if key == "data.blend" else
+                            f"{key}: token budgets add up to {budget:,} tokens but the phase trains on "
+                            f"{total_tokens:,} (its max_tokens, or max_steps × global batch × seq_length)")
         shares = [float(s.budget) for s in sources]
     else:
         shares = [s.weight for s in sources]
@@ -131,16 +135,37 @@ def blend_of(sources: list[Source], total_tokens: int | None) -> tuple[list[str]
 
 
 def build(data: DataConfig, *, seq_length: int, train_samples: int, eval_samples: int,
-          tokenizer: MegatronTokenizerShim, cache_dir: str | Path):
-    """(train dataset, {validation name: dataset}) built by megatron-core."""
+          tokenizer: MegatronTokenizerShim, cache_dir: str | Path, key: str = "data.blend", seed: int | None = None,
+          budget_tokens: int | None = None):
+    """(train dataset, {validation name: dataset}) built by megatron-core. ``key``: where ``data.blend`` came from,
+    for messages (a phase's: ``phases[1].blend``); ``seed``: the sample order's (default: data.seed);
+    ``budget_tokens``: what token budgets must add up to (default: all ``train_samples``; a phase: its own)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    train_blend = blend_of(resolve(data.blend, "data.blend"), train_samples * seq_length)
-    config = _gpt_config(data, seq_length, tokenizer, cache_dir, [train_blend, None, None])
+    budget = train_samples * seq_length if budget_tokens is None else budget_tokens
+    train_blend = blend_of(resolve(data.blend, key), budget, key)
+    config = _gpt_config(data, seq_length, tokenizer, cache_dir, [train_blend, None, None], seed)
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, None, None], lambda: True, config).build()
     return train, build_validation(data, seq_length=seq_length, eval_samples=eval_samples, tokenizer=tokenizer,
                                    cache_dir=cache_dir)
+
+
+def segment_data(cfg: KeizokuConfig, segment) -> DataConfig:
+    """``cfg.data`` with a segment's (``keizoku.schedule.Segment``) blend and validation sets."""
+    from dataclasses import replace
+
+    return replace(cfg.data, blend=list(segment.blend), validation=dict(segment.validation))
+
+
+def segment_key(cfg: KeizokuConfig, segment) -> str:
+    """The config key a segment's blend comes from, for messages."""
+    if segment.kind == "run" or not (cfg.phases if segment.kind == "phase" else cfg.extensions):
+        return "data.blend"
+    phases = cfg.phases if segment.kind == "phase" else cfg.extensions
+    i = next(i for i, ph in enumerate(phases) if ph.name == segment.name)
+    section = "phases" if segment.kind == "phase" else "extensions"
+    return f"{section}[{i}].blend" if phases[i].blend else "data.blend"
 
 
 def build_validation(data: DataConfig, *, seq_length: int, eval_samples: int, tokenizer: MegatronTokenizerShim,
@@ -159,12 +184,12 @@ def build_validation(data: DataConfig, *, seq_length: int, eval_samples: int, to
     return validation
 
 
-def _gpt_config(data: DataConfig, seq_length: int, tokenizer, cache_dir, blend_per_split):
+def _gpt_config(data: DataConfig, seq_length: int, tokenizer, cache_dir, blend_per_split, seed: int | None = None):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     return GPTDatasetConfig(
-        random_seed=data.seed, sequence_length=seq_length, blend_per_split=blend_per_split,
+        random_seed=data.seed if seed is None else seed, sequence_length=seq_length, blend_per_split=blend_per_split,
         path_to_cache=str(cache_dir), tokenizer=tokenizer, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
     )

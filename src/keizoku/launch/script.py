@@ -8,6 +8,8 @@ in ``exec`` of the launch driver, so the warning reaches it and the job's exit s
 ``keizoku submit tokenize`` writes two more kinds (``tokenize_scripts``): an array job whose task K ``exec``s
 ``keizoku tokenize … --shard K/N`` (K from the scheduler's ``task_variable``), and the merge job that runs after it
 (``keizoku tokenize-merge``); neither asks for a walltime warning (a share resumes from its finished datasets).
+``keizoku submit eval`` writes one that ``exec``s ``keizoku eval`` (``eval_script``), without a walltime warning
+either (an eval that is cut short is run again whole).
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def tokenize_scripts(profile: Profile, tasks: JobSpec, merge: Optional[JobSpec],
         f"# Runs once the {n} task(s) of the tokenize job have ended: checks that every share is complete and",
         "# agrees, then writes each dataset as one run over all the inputs would."], shlex.join(merge_command))
     return task_text, merge_text
+
+
+def eval_script(profile: Profile, spec: JobSpec, command: list[str]) -> str:
+    """The eval job's script: ``command`` (keizoku eval ...) on one node."""
+    return _script(profile, spec, [
+        "# Scores a model or a run's checkpoint on lm-evaluation-harness tasks (keizoku eval; docs/eval.md);",
+        "# a run's results go to RUN_DIR/eval/step_N/results.json and RUN_DIR/metrics.jsonl."], shlex.join(command))
 
 
 def _script(profile: Profile, spec: JobSpec, notes: list[str], command: str) -> str:

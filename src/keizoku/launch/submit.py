@@ -18,6 +18,12 @@ every task succeeded; Grid Engine whatever they did, and the merge then names th
 files go beside the parts (``PARTS`` = ``OUT/parts`` or ``PREFIX.parts``): ``submit/SID.tokenize.sh``,
 ``submit/SID.merge.sh``, ``logs/`` (each task's log), ``jobs.jsonl`` (the jobs, and each task's log, which
 ``keizoku tokenize-merge --check`` shows beside its share's state).
+
+``keizoku submit eval`` (``submit_eval``) submits one job that runs ``keizoku eval`` (``keizoku.downstream``), as
+``eval.downstream`` does for each due checkpoint of a run under a scheduler. Its files go into the run directory
+(``submit/SID.eval-step_N.sh``; the scheduler's output in ``logs/``; ``eval/jobs.jsonl``: the job, apart from
+``jobs.jsonl``'s training jobs that ``keizoku status`` follows), or for a Hugging Face model into its results
+directory.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from keizoku.launch import driver, port, schedulers
 from keizoku.launch.driver import LaunchPlan
 from keizoku.launch.profile import Profile
 from keizoku.launch.schedulers import LOCAL_JOB_ID, scheduler_named
-from keizoku.launch.script import JobSpec, job_script, tokenize_scripts
+from keizoku.launch.script import JobSpec, eval_script, job_script, tokenize_scripts
 from keizoku.rundir import ExitCode, RunDir, append_jsonl, write_atomic
 from keizoku.schedule import run_length
 
@@ -394,4 +400,74 @@ def _tokenize_here(sub: TokenizeSubmission, scheduler: schedulers.Scheduler, tas
         if sub.exit_status != 0:
             raise SubmitError(f"the merge failed (exit {sub.exit_status}); see the output above")
     sub.exit_status = 0
+    return sub
+
+
+# --- keizoku submit eval: one job of keizoku eval ---------------------------------------------------------------
+
+@dataclass
+class EvalSubmission:
+    script: Path
+    script_text: str
+    jobs: Path  # the job records: RUN_DIR/eval/jobs.jsonl, or OUT/jobs.jsonl
+    commands: list[list[str]] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    log: Optional[str] = None  # the scheduler's output of the job
+    exit_status: Optional[int] = None  # local profile: the eval's
+
+
+def submit_eval(eval_args: list[str], home: Path, jobs: Path, profile: Profile, *, step: Optional[int] = None,
+                container: Optional[Path] = None, binds: tuple[str, ...] = (), dry_run: bool = False,
+                name: Optional[str] = None, workdir: Optional[Path] = None, command: str = "",
+                log: Callable[[str], None] = print) -> EvalSubmission:
+    """Write the job script that runs ``keizoku eval EVAL_ARGS`` into ``home`` (the run directory, or an HF model's
+    results directory) and submit it (no scheduler: run it here); the job is recorded in ``jobs``."""
+    if container is not None and not dry_run and not (Path(workdir or ".") / container).exists():
+        raise SubmitError(f"--container {container}: no such image")
+    workdir = Path(workdir or os.getcwd()).resolve()
+    home = (workdir / home).resolve()
+    sid = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    tag = f"eval-step_{step:08d}" if step is not None else "eval"
+    python = container_python(profile, (workdir / container).resolve(), [str(workdir), str(home), *binds]) \
+        if container is not None else [profile.python or sys.executable]
+    spec = JobSpec(name=name or f"keizoku-eval-{home.name}" + (f"-{step}" if step is not None else ""),
+                   run_dir=home, workdir=workdir, script=home / "submit" / f"{sid}.{tag}.sh",
+                   plan=jobs, driver=[], command=command, walltime_warning=False, logs_dir=home / "logs")
+    text = eval_script(profile, spec, [*python, "-m", "keizoku", "eval", *eval_args])
+    sub = EvalSubmission(spec.script, text, jobs)
+    scheduler = scheduler_named(profile.scheduler)
+    if dry_run:
+        sub.commands = [scheduler.submit_command(profile, str(spec.script))]
+        return sub
+    write_atomic(spec.script, text, 0o755)
+    spec.logs.mkdir(parents=True, exist_ok=True)
+    if not scheduler.queues_jobs:
+        job_id = f"local-{sid}"
+        append_jsonl(jobs, {"job_id": job_id, "scheduler": scheduler.name, "kind": "eval", "step": step,
+                            "submitted": time.time(), "script": str(spec.script)})
+        cmd = ["bash", str(spec.script)]
+        sub.commands.append(cmd)
+        sub.job_ids.append(job_id)
+        log(f"running {spec.script} here (job {job_id})")
+        sub.exit_status = subprocess.run(cmd, cwd=workdir).returncode
+        if sub.exit_status != ExitCode.OK:
+            raise SubmitError(f"the eval failed (exit {sub.exit_status}); see the output above")
+        return sub
+    cmd = scheduler.submit_command(profile, str(spec.script))
+    sub.commands.append(cmd)
+    try:
+        job_id = _submit(scheduler, profile, cmd, workdir, log)
+    except SubmitError as e:
+        if e.queued_maybe:
+            raise SubmitError(f"{e}; it may have queued the job all the same: check the queue ({spec.script} is "
+                              "kept for it)") from None
+        rundir.discard(spec.script)
+        raise SubmitError(f"{e}; nothing was queued ({spec.script.name} is removed); {e.todo or 'submit again'}") \
+            from None
+    sub.job_ids.append(job_id)
+    sub.log = scheduler.log_path(str(spec.logs), spec.name, job_id)
+    append_jsonl(jobs, {"job_id": job_id, "scheduler": scheduler.name, "kind": "eval", "step": step,
+                        "submitted": time.time(), "script": str(spec.script), "name": spec.name, "log": sub.log})
+    log(f"submitted job {job_id}: keizoku eval{f' of checkpoint step {step}' if step is not None else ''} (log: "
+        f"{sub.log or spec.logs})")
     return sub

@@ -26,6 +26,11 @@ What each keizoku setting becomes, and why where it is not obvious:
   loss itself, per MoE layer; transformers pools the layers, so the two engines' values differ); unset, the
   coefficient the family's bridge sets (from transformers' ``router_aux_loss_coef`` for some families, e.g.
   OLMoE; a fixed default for others, e.g. Qwen3-MoE's 1e-3).
+- Phases and extensions (``keizoku.schedule.run_plan``): each segment is its own Bridge run from the last one's
+  checkpoint (``segment``): ``train_iters`` = the segment's end step, its blend with seed ``data.seed + index``
+  (Bridge indexes its dataset from the run's consumed samples, as engine torch does), and its part of the
+  schedule on Megatron's global step (``_segment_schedule``) with ``override_opt_param_scheduler`` so the
+  checkpoint's scheduler settings give way to the segment's.
 - Checkpoints: ``save = load = RUN_DIR/checkpoints`` so a rerun resumes; ``pretrained_checkpoint`` is the
   Megatron import of ``model.hf_path``, which Bridge loads (weights only, iteration 0) only while the run has
   no checkpoint of its own.
@@ -40,7 +45,7 @@ from typing import Any
 from keizoku.config import KeizokuConfig
 from keizoku.data.blend import sample_cache_dir
 from keizoku.rundir import RunDir
-from keizoku.schedule import LRSchedule, run_length
+from keizoku.schedule import LRSchedule, Segment, run_length, run_plan
 
 FP8_PRESETS = {
     "tensorwise": "bf16_with_fp8_current_scaling_mixed",
@@ -69,9 +74,12 @@ def data_parallel_size(cfg: KeizokuConfig, world_size: int) -> int:
 
 
 def plan_megatron(cfg: KeizokuConfig, *, release: str, world_size: int, train_blend: Blend | None,
-                  valid_blend: Blend | None, pretrained_checkpoint: str | None) -> dict[str, dict[str, Any]]:
-    """Every Bridge field keizoku sets, by section. ``release`` is the Bridge release line ("0.2" … "0.6")."""
-    steps = run_length(cfg).steps
+                  valid_blend: Blend | None, pretrained_checkpoint: str | None,
+                  segment: Segment | None = None) -> dict[str, dict[str, Any]]:
+    """Every Bridge field keizoku sets, by section. ``release`` is the Bridge release line ("0.2" … "0.6").
+    ``segment``: the phase or extension this Bridge run trains (a run with ``phases:`` or extensions; the blends
+    are then its own)."""
+    steps = run_length(cfg).steps if segment is None else segment.end_step
     run = RunDir(Path(cfg.run_dir).absolute())
     out: dict[str, dict[str, Any]] = {
         "model": _model(cfg),
@@ -79,13 +87,16 @@ def plan_megatron(cfg: KeizokuConfig, *, release: str, world_size: int, train_bl
         "train": {"micro_batch_size": cfg.train.micro_batch_size, "global_batch_size": cfg.train.global_batch_size,
                   "train_iters": steps,
                   "exit_signal_handler": True},  # SIGTERM (keizoku relays SIGUSR1/SIGUSR2 to it): save, then stop
-        "optimizer": _optimizer(cfg),
+        "optimizer": _optimizer(cfg) if segment is None else
+        {**_optimizer(cfg), "lr": segment.schedule.lr, "min_lr": segment.schedule.min_lr},
         "ddp": {"use_distributed_optimizer": cfg.megatron.distributed_optimizer,
                 "overlap_grad_reduce": cfg.megatron.overlap_grad_reduce,
                 "overlap_param_gather": cfg.megatron.overlap_param_gather,
                 "grad_reduce_in_fp32": True, "check_for_nan_in_grad": True},
-        "scheduler": _schedule(LRSchedule.of(cfg.optim, cfg.schedule, steps), cfg.optim.weight_decay),
-        "dataset": _dataset(cfg, train_blend, valid_blend),
+        "scheduler": _schedule(LRSchedule.of(cfg.optim, cfg.schedule, steps), cfg.optim.weight_decay)
+        if segment is None else _segment_schedule(segment, cfg.optim.weight_decay),
+        "dataset": _dataset(cfg, train_blend, valid_blend, seed=None if segment is None else
+                            cfg.data.seed + segment.index),
         "logger": _logger(cfg, run),
         "tokenizer": _tokenizer(cfg),
         "checkpoint": _checkpoint(cfg, run, pretrained_checkpoint),
@@ -164,10 +175,11 @@ def _optimizer(cfg: KeizokuConfig) -> dict[str, Any]:
     return out
 
 
-def _dataset(cfg: KeizokuConfig, train_blend: Blend | None, valid_blend: Blend | None) -> dict[str, Any]:
+def _dataset(cfg: KeizokuConfig, train_blend: Blend | None, valid_blend: Blend | None,
+             seed: int | None = None) -> dict[str, Any]:
     d = cfg.data
     dataset = {
-        "random_seed": d.seed,
+        "random_seed": d.seed if seed is None else seed,
         "sequence_length": d.seq_length,
         "path_to_cache": str(sample_cache_dir(cfg)),
         # what keizoku.data.blend gives GPTDataset for engine: torch: the same samples in the same order
@@ -243,6 +255,25 @@ def _schedule(schedule: LRSchedule, weight_decay: float) -> dict[str, Any]:
     else:
         out["lr_decay_style"] = schedule.kind  # cosine | constant
     return out
+
+
+def _segment_schedule(segment: Segment, weight_decay: float) -> dict[str, Any]:
+    """A segment's rates (first step F, warmup W from ``warmup_from`` to lr, then its decay to min_lr at its last
+    step) on Megatron's global step, whose warmup always starts at step 0: this Bridge run trains only steps F on,
+    so the warmup's line is placed to pass through the segment's: ``W′ = F + W − 1`` and ``init`` chosen on the same
+    line (``lr/W`` when F = 0, as ``_schedule``); without a warmup, ``W′ = F`` and the decay starts at F. The decay
+    ends at the segment's last step; after a warmup it starts one step earlier than keizoku's (as ``_schedule``'s
+    cosine)."""
+    s, first = segment.schedule, segment.first_step
+    if s.warmup_steps:
+        warmup_iters = first + s.warmup_steps - 1
+        init = s.lr - (s.lr - s.warmup_from) * (first + s.warmup_steps - 1) / s.warmup_steps
+    else:
+        warmup_iters, init = first, 0.0
+    return {"lr_warmup_iters": warmup_iters, "lr_warmup_init": init,
+            "lr_decay_iters": max(first + s.last_step, warmup_iters + 1), "lr_decay_style": s.kind,
+            "start_weight_decay": weight_decay, "end_weight_decay": weight_decay,
+            "weight_decay_incr_style": "constant", "override_opt_param_scheduler": True}
 
 
 def _blend_value(blend: Blend | None):

@@ -106,8 +106,10 @@ class Reporter:
 
     EVENTS = ("on_train_start", "on_train_step_start", "on_train_step_end", "on_train_end")
 
-    def __init__(self, cfg: KeizokuConfig, steps: int, relay: WalltimeRelay):
+    def __init__(self, cfg: KeizokuConfig, steps: int, relay: WalltimeRelay, phase: str | None = None):
+        # phase: the phase or extension this Bridge run trains (its records name it); steps: where it ends
         self.cfg, self.steps, self.relay = cfg, steps, relay
+        self.phase = {"phase": phase} if phase else {}
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         self.metrics: MetricsLogger | None = None
         self.valid: dict[str, Any] = {}
@@ -153,7 +155,8 @@ class Reporter:
                 grad_norm=None if ctx.grad_norm is None else float(ctx.grad_norm),
                 step_s=time.perf_counter() - self.t0, tokens_per_step=self.tokens_per_step,
                 world=torch.distributed.get_world_size(), step=step,
-                memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None))
+                memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
+                | self.phase)
         if self.valid and self.cfg.eval.interval and step % self.cfg.eval.interval == 0 and step < self.steps:
             self.evaluate(ctx, step)
 
@@ -201,7 +204,7 @@ class Reporter:
             m.enable_forward_pre_hook()
         if self.metrics is not None:
             values = eval_values(losses)
-            self.metrics.log("eval", step, values)
+            self.metrics.log("eval", step, values | self.phase)
             print(f"[eval step {step}] " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
             writer = ctx.state.tensorboard_logger
             if writer is not None:

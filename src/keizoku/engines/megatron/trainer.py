@@ -16,15 +16,19 @@ import os
 import sys
 from pathlib import Path
 
-from keizoku import preflight
+from keizoku import downstream, preflight
 from keizoku.config import KeizokuConfig, save_resolved, validate
 from keizoku.engines.megatron import MegatronError
-from keizoku.rundir import ExitCode, RunDir, latest_checkpoint, write_atomic
-from keizoku.schedule import run_length
+from keizoku.rundir import ExitCode, RunDir, keep_megatron_checkpoint, latest_checkpoint, write_atomic
+from keizoku.data import blend
+from keizoku.schedule import Segment, run_length, run_plan, write_plan
 
 
 class MegatronTrainingError(MegatronError):
     pass
+
+
+SINGLE_PROCESS_ENV = "KEIZOKU_MEGATRON_SINGLE_PROCESS"  # set up as one process by keizoku, not by a launcher
 
 
 def train(cfg: KeizokuConfig, allow_changes: bool = False) -> int:
@@ -32,6 +36,9 @@ def train(cfg: KeizokuConfig, allow_changes: bool = False) -> int:
 
     found = _supported_bridge()
     rank, world = _process_ranks()
+    run_plan_ = run_plan(cfg)
+    # phases and extensions: each is its own Bridge run from the last one's checkpoint (plan.py)
+    phased = len(run_plan_.segments) > 1 or run_plan_.segments[0].kind != "run"
     # Bridge >= 0.3 has callbacks: keizoku evaluates every validation set itself and writes metrics.jsonl;
     # Bridge 0.2 has none: Bridge's own validation of the one set, metrics in its logs/TensorBoard only
     callbacks = plan.has_callbacks(found.release)
@@ -58,18 +65,61 @@ def train(cfg: KeizokuConfig, allow_changes: bool = False) -> int:
         return ExitCode.OK
     own_checkpoint = saved is not None or cfg.checkpoint.resume not in ("auto", "none")
     pretrained = None if own_checkpoint else _pretrained_checkpoint(cfg, run_dir, found.release, rank)
-    train_blend, valid_blend = _blends(cfg, length.tokens, found, evaluated_by_keizoku=callbacks)
-    p = plan.plan_megatron(cfg, release=found.release, world_size=world, train_blend=train_blend,
-                           valid_blend=valid_blend, pretrained_checkpoint=pretrained)
+    segment = run_plan_.segment_at(saved or 0) if phased else None
+    run_cfg = cfg if segment is None else _segment_config(cfg, segment)
+    tokens = length.tokens if segment is None else segment.steps * cfg.train.global_batch_size * cfg.data.seq_length
+    train_blend, valid_blend = _blends(run_cfg, tokens, found, evaluated_by_keizoku=callbacks,
+                                       key="data.blend" if segment is None else blend.segment_key(cfg, segment))
+    p = plan.plan_megatron(run_cfg, release=found.release, world_size=world, train_blend=train_blend,
+                           valid_blend=valid_blend, pretrained_checkpoint=pretrained, segment=segment)
     if rank == 0:
         _write_run_info(run_dir, cfg, found, p)
-    _pretrain(cfg, p, reporting.Reporter(cfg, length.steps, relay) if callbacks else None)
+        if segment is not None:
+            for seg in run_plan_.segments:
+                print(f"keizoku: {seg.describe(cfg.train.global_batch_size * cfg.data.seq_length)}", flush=True)
+            write_plan(run_plan_, run_dir, cfg.train.global_batch_size * cfg.data.seq_length)
+            print(f"keizoku: this Megatron-Bridge run trains {segment.kind} {segment.name} (steps "
+                  f"{max(saved or 0, segment.first_step) + 1}-{segment.end_step})", flush=True)
+    reporter = reporting.Reporter(run_cfg, length.steps if segment is None else segment.end_step, relay,
+                                  phase=None if segment is None else segment.name) if callbacks else None
+    _pretrain(cfg, p, reporter)
     done = _saved_step(run_dir)
+    if rank == 0 and done is not None and cfg.eval.downstream.tasks:  # the checkpoint this Bridge run ended on
+        downstream.after_checkpoint(cfg, run_dir, done)
+    if segment is not None and done == segment.end_step:
+        if rank == 0:
+            kept = keep_megatron_checkpoint(run_dir, done, f"the end of {segment.kind} {segment.name}")
+            print(f"keizoku: {segment.kind} {segment.name} is complete; its last checkpoint is kept: {kept}", flush=True)
+        if done < length.steps:
+            return _next_segment(run_plan_.segment_at(done), rank)
     if done is not None and done < length.steps:
         if rank == 0:
             print(f"keizoku: stopped at step {done} of {length.steps} after saving; resubmit to continue", flush=True)
         return ExitCode.STOPPED
     return ExitCode.OK
+
+
+def _segment_config(cfg: KeizokuConfig, segment: Segment) -> KeizokuConfig:
+    """The config one Bridge run of a phase or extension trains: the segment's blend and validation sets."""
+    from dataclasses import replace
+
+    return replace(cfg, data=blend.segment_data(cfg, segment))
+
+
+def _next_segment(segment: Segment, rank: int) -> int:
+    """After a phase: the next one is its own Bridge run, in a fresh process (Bridge sets up Megatron's global state
+    once a process). One process that keizoku set up itself starts it at once (exec: same process id, same command
+    line); processes of a launcher (torchrun, keizoku launch/submit) stop with STOPPED, which a submit chain's next
+    job resumes."""
+    if os.environ.get(SINGLE_PROCESS_ENV) == "1":
+        print(f"keizoku: starting {segment.kind} {segment.name} as its own Megatron-Bridge run", flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "keizoku", *sys.argv[1:]])
+    if rank == 0:
+        print(f"keizoku: {segment.kind} {segment.name} is next, as its own Megatron-Bridge run: run again (a keizoku "
+              "submit chain's next job does)", flush=True)
+    return ExitCode.STOPPED
 
 
 def _supported_bridge():
@@ -92,8 +142,9 @@ def _process_ranks() -> tuple[int, int]:
     """(rank, world size): torchrun's or keizoku launch's, or a one-process group's (Bridge initialises from env://)."""
     from keizoku.engines.megatron import importer
 
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ or os.environ.get(SINGLE_PROCESS_ENV) == "1":
         importer.single_process_env()
+        os.environ[SINGLE_PROCESS_ENV] = "1"  # kept through the exec into a phase's own process (_next_segment)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
@@ -117,18 +168,16 @@ def _pretrained_checkpoint(cfg: KeizokuConfig, run_dir: Path, release: str, rank
     return pretrained
 
 
-def _blends(cfg: KeizokuConfig, total_tokens: int, found, evaluated_by_keizoku: bool):
+def _blends(cfg: KeizokuConfig, total_tokens: int, found, evaluated_by_keizoku: bool, key: str = "data.blend"):
     """(train blend, validation blend) in Megatron's form; the validation blend is Bridge's to evaluate only where
     keizoku cannot (Bridge 0.2, one set)."""
-    from keizoku.data import blend
-
     if len(cfg.data.validation) > 1 and not evaluated_by_keizoku:
         raise MegatronTrainingError(
             f"data.validation: {found} evaluates one validation set, not {len(cfg.data.validation)} "
             f"({', '.join(cfg.data.validation)}); keep one, or use Megatron-Bridge 0.3 or newer")
     if cfg.data.mock:
         return None, None
-    train_blend = blend.blend_of(blend.resolve(cfg.data.blend, "data.blend"), total_tokens)
+    train_blend = blend.blend_of(blend.resolve(cfg.data.blend, key), total_tokens, key)
     valid_blend = None
     for name, entries in cfg.data.validation.items():
         valid_blend = blend.blend_of(blend.resolve(entries, f"data.validation.{name}"), None)

@@ -43,6 +43,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -70,8 +71,11 @@ class Checkpointer:
     """Saves checkpoints (see the module docstring). Every rank makes one, at the same point (it creates a
     process group), and calls ``save`` at the same steps, ``wait`` at the same points and ``close`` on the way out."""
 
-    def __init__(self, run_dir: Path, keep_last: int, background: bool = True):
+    def __init__(self, run_dir: Path, keep_last: int, background: bool = True,
+                 on_published: Callable[[int], None] | None = None):
+        # on_published(step): rank 0, the publishing thread, once a checkpoint is complete (downstream evaluation)
         self.run_dir, self.keep_last, self.rank = Path(run_dir), keep_last, dist.get_rank()
+        self.on_published = on_published
         # DCP's collectives from its background thread: a group of their own, on the CPU
         self.group = dist.new_group(backend="gloo")
         why_not = _no_async_save() if background else None
@@ -88,8 +92,10 @@ class Checkpointer:
 
     # --- the training thread ----------------------------------------------------------------------------------
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> None:
-        """Every rank: start saving ``step``; returns once the state is copied (asynchronous) or published."""
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             keep: str | None = None) -> None:
+        """Every rank: start saving ``step``; returns once the state is copied (asynchronous) or published. ``keep``:
+        why pruning must never remove it (``rundir.commit_checkpoint``)."""
         final = rundir.checkpoint_path(self.run_dir, step)
         staged = rundir.staging_path(final, tag="")  # one name that every rank knows
         previous, start = self._in_flight, time.perf_counter()
@@ -113,7 +119,7 @@ class Checkpointer:
         else:  # here: DCP on a GPU's state from another thread would open a CUDA context on GPU 0
             written = _run_now(dcp.save, state, storage_writer=self._writer(staged), process_group=self.group,
                                planner=_planner(step))
-        self._in_flight = _InFlight(step, self._publisher.submit(self._publish, step, written, staged, final))
+        self._in_flight = _InFlight(step, self._publisher.submit(self._publish, step, written, staged, final, keep))
         if not self.asynchronous:
             self.wait()
 
@@ -196,13 +202,16 @@ class Checkpointer:
 
     # --- the background thread --------------------------------------------------------------------------------
 
-    def _publish(self, step: int, written: Future, staged: Path, final: Path) -> Path:
-        """Once this rank's DCP save is done (on rank 0: every rank's), rank 0 commits and prunes."""
+    def _publish(self, step: int, written: Future, staged: Path, final: Path, keep: str | None) -> Path:
+        """Once this rank's DCP save is done (on rank 0: every rank's), rank 0 commits and prunes, then tells
+        ``on_published``."""
         written.result()
         _test_hook(step, "commit")
         if self.rank == 0:
-            rundir.commit_checkpoint(staged, final, step)
+            rundir.commit_checkpoint(staged, final, step, keep=keep)
             rundir.prune_checkpoints(self.run_dir, self.keep_last)
+            if self.on_published is not None:
+                self.on_published(step)
         return final
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from keizoku import base_model, preflight
+from keizoku import base_model, downstream, preflight
 from keizoku.config import (ConfigError, KeizokuConfig, reshard_after_forward, save_resolved,
                             unsharded_grad_accumulation, validate)
 from keizoku.data import blend
@@ -42,7 +42,7 @@ from keizoku.engines.torch.optim import adamw
 from keizoku.engines.torch.parallel import Dist
 from keizoku.metrics import MetricsLogger, eval_values
 from keizoku.rundir import ExitCode, RunDir, latest_checkpoint, remove_staged
-from keizoku.schedule import LRSchedule, run_length
+from keizoku.schedule import Segment, run_length, run_plan, write_plan
 
 
 def train(cfg: KeizokuConfig, allow_changes: bool = False) -> int:
@@ -83,7 +83,11 @@ def train(cfg: KeizokuConfig, allow_changes: bool = False) -> int:
             for line in run.where(cfg.checkpoint.interval, cfg.checkpoint.keep_last, cfg.checkpoint.save_at_end,
                                   metrics.tb is not None):
                 print(f"keizoku: {line}", flush=True)
-        checkpointer = checkpoint.Checkpointer(run.path, cfg.checkpoint.keep_last, cfg.checkpoint.background)
+        # eval.downstream: rank 0 starts the evaluation of each due checkpoint once it is published (downstream.py)
+        evaluate_after = (lambda step: downstream.after_checkpoint(cfg, run.path, step)) \
+            if d.rank == 0 and cfg.eval.downstream.tasks else None
+        checkpointer = checkpoint.Checkpointer(run.path, cfg.checkpoint.keep_last, cfg.checkpoint.background,
+                                               on_published=evaluate_after)
         try:
             return Trainer(cfg, d, run, metrics, stop).train(checkpointer)
         finally:
@@ -148,6 +152,8 @@ class Trainer:
         self.cuda = d.device.type == "cuda"
         self.bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and self.cuda)
         self.length = run_length(cfg)
+        self.plan = run_plan(cfg)  # its segments (phases, extensions) and the LR of every step
+        self.phased = len(self.plan.segments) > 1 or self.plan.segments[0].kind != "run"
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_length
         self.accumulation = t.global_batch_size // (t.micro_batch_size * d.world)
         self.reshard = reshard_after_forward(cfg.parallel, d.world)
@@ -161,11 +167,11 @@ class Trainer:
         # a batch with ids past the embedding: a clear error, not an index error in the embedding
         self.vocab_rows = self.model.get_input_embeddings().num_embeddings
         self.optimizer = adamw(self.model, cfg.optim, d.device.type)
-        schedule = LRSchedule.of(cfg.optim, cfg.schedule, self.length.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule.factor_at)
-        self.train_data, self.valid = self._build_datasets()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.plan.factor_at)
         self.state = TrainState()
         self._restore()
+        self.segment = self.plan.segment_at(self.state.step)
+        self.train_data, self.valid = self._build_datasets(self.segment)
         self.warned_memory_retries = False
 
     # --- build --------------------------------------------------------------------------------------------------
@@ -240,12 +246,28 @@ class Trainer:
                   + (f" (the other {kept} stay in bf16, too small to gain from it; model.fp8_layers=all converts "
                      "them)" if kept and fp8.fp8_layers == "auto" else ""))
 
-    def _build_datasets(self) -> tuple[torch.utils.data.Dataset, dict]:
-        """(training samples, {validation set: samples}), built by megatron-core from the blend."""
+    def _build_datasets(self, segment: Segment) -> tuple[torch.utils.data.Dataset, dict]:
+        """(training samples, {validation set: samples}) of a segment of the run (the run itself, a phase, an
+        extension), built by megatron-core from its blend with its own seed (data.seed + its index). Its steps
+        train on the samples the run's consumed-sample count indexes, [first step × batch, end step × batch), as
+        Megatron-Bridge reads them when engine megatron runs the segment as its own run from the last one's
+        checkpoint: both engines draw the same samples."""
         cfg = self.cfg
-        return blend.build(cfg.data, seq_length=cfg.data.seq_length, train_samples=self.length.samples,
-                           eval_samples=self.eval_samples, tokenizer=blend.run_tokenizer(cfg),
-                           cache_dir=blend.sample_cache_dir(cfg))
+        return blend.build(blend.segment_data(cfg, segment), seq_length=cfg.data.seq_length,
+                           train_samples=segment.end_step * cfg.train.global_batch_size,
+                           budget_tokens=segment.steps * self.tokens_per_step, eval_samples=self.eval_samples,
+                           tokenizer=blend.run_tokenizer(cfg), cache_dir=blend.sample_cache_dir(cfg),
+                           key=blend.segment_key(cfg, segment), seed=cfg.data.seed + segment.index)
+
+    def _segment_batches(self):
+        """The current segment's micro batches from where the run is. Making the loader draws a seed from the RNG:
+        drawn on a copy, so that a run that resumes here and one that went on from the segment before take their
+        next step with the same RNG."""
+        loader = self._loader(self.train_data, self.state.consumed_samples,
+                              self.segment.end_step * self.cfg.train.global_batch_size, self.cfg.data.num_workers,
+                              self.cuda)
+        with torch.random.fork_rng(devices=[]):
+            return iter(loader)
 
     def _checkpoint_to_resume(self) -> Path | None:
         """The checkpoint ``checkpoint.resume`` names: the run's newest complete one (auto), none, or a path."""
@@ -264,6 +286,12 @@ class Trainer:
         saved = checkpoint.restore(self.resumed_from, self.model, self.optimizer)
         self.state = TrainState(saved["step"], saved["consumed_samples"], saved["consumed_tokens"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        # the rate of the next step as the plan says: the same value when the plan is the saved run's; the plan's
+        # own where the run has been extended since (the checkpoint's is where the run ended)
+        rates = [group["initial_lr"] * self.plan.factor_at(self.state.step) for group in self.optimizer.param_groups]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self.scheduler._last_lr = rates
         if self.metrics is not None:
             self.metrics.resume_at(self.state.step)  # the steps after it are replayed: one record each
         self._say(f"resumed from {self.resumed_from} at step {self.state.step} "
@@ -366,8 +394,11 @@ class Trainer:
     def save(self) -> None:
         """Start saving this step (``checkpoint.Checkpointer``): returns once the state is copied; it is written and
         published while training goes on."""
-        state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(), "steps": self.length.steps}
-        self.checkpointer.save(self.state.step, self.model, self.optimizer, state)
+        state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(), "steps": self.length.steps,
+                 "phase": self.segment.name}
+        end_of = self.segment.kind != "run" and self.state.step == self.segment.end_step
+        self.checkpointer.save(self.state.step, self.model, self.optimizer, state,
+                               keep=f"the end of {self.segment.kind} {self.segment.name}" if end_of else None)
 
     # --- the loop -----------------------------------------------------------------------------------------------
 
@@ -381,25 +412,33 @@ class Trainer:
             else:
                 self._say(f"training is complete ({self.state.step} of {steps} steps)")
             return ExitCode.OK
+        if self.phased and self.metrics is not None:
+            self._show_plan()
         if cfg.eval.at_start and self.valid and self.state.step == 0:
             self._log("eval", self.evaluate())
-        batches = iter(self._loader(self.train_data, self.state.consumed_samples, self.length.samples,
-                                    cfg.data.num_workers, self.cuda))
-        if self.resumed_from is not None:  # after the loader's seed draw: the next step sees the uninterrupted RNG
+        batches = self._segment_batches()
+        if self.resumed_from is not None:
             checkpoint.restore_rng(self.resumed_from)
         while self.state.step < steps:
+            if self.state.step == self.segment.end_step:  # the next phase: its data, its validation sets
+                self.segment = self.plan.segment_at(self.state.step)
+                self.train_data, self.valid = self._build_datasets(self.segment)
+                batches = self._segment_batches()
+                self._say(f"{self.segment.kind} {self.segment.name} from step {self.state.step + 1}")
             profiler = profiling.start(cfg.logging, self.state.step + 1, self.d.rank, self.d.device)
             start = time.perf_counter()
             result = self.train_step(batches)
             elapsed = time.perf_counter() - start
             step, last = self.state.step, self.state.step == steps
+            # the end of a phase: evaluated on its validation sets and kept as a checkpoint
+            phase_end = self.phased and step == self.segment.end_step and not last
             if profiler is not None:
                 self._finish_profile(profiler)
             if step % cfg.logging.interval == 0 or last:
                 self._log("train", self._train_values(result, elapsed))
-            if self.valid and cfg.eval.interval and step % cfg.eval.interval == 0 and not last:
+            if self.valid and (cfg.eval.interval and step % cfg.eval.interval == 0 or phase_end) and not last:
                 self._log("eval", self.evaluate())
-            if result.stop_requested or last and cfg.checkpoint.save_at_end or \
+            if result.stop_requested or last and cfg.checkpoint.save_at_end or phase_end or \
                     cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 self.save()
             if result.stop_requested and not last:  # at the last step the run is done: it finishes as below
@@ -453,7 +492,17 @@ class Trainer:
 
     def _log(self, kind: str, values: dict) -> None:
         if self.metrics is not None:
-            self.metrics.log(kind, self.state.step, values)
+            # a step's record names the phase the step trained in (step 0: the first)
+            phase = {"phase": self.plan.segment_at(max(self.state.step - 1, 0)).name} if self.phased else {}
+            self.metrics.log(kind, self.state.step, {**values, **phase})
+
+    def _show_plan(self) -> None:
+        """The run's segments and their rates, printed, and RUN_DIR/schedule.json and schedule.png written."""
+        per_step = self.tokens_per_step
+        for seg in self.plan.segments:
+            self._say(seg.describe(per_step))
+        written = write_plan(self.plan, self.run.path, per_step)
+        self._say(f"the schedule, plotted: {written}")
 
     def _say(self, message: str) -> None:
         if self.d.rank == 0:
