@@ -8,6 +8,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keizoku-installed
 OUT ?= quickstart-out
+# test files run in this many processes (pytest-xdist; a file's tests stay together, in order): most tests wait on
+# subprocesses, schedulers and disk, so two share CI's 2 cores well. PYTEST_WORKERS=0: one process
+PYTEST_WORKERS ?= 2
 
 .PHONY: install quickstart test clean
 
@@ -24,7 +27,7 @@ quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/keizoku quickstart --out $(OUT)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(OUT) .pytest_cache build dist src/*.egg-info

@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist's workers get COLUMNS=80: the CLI would wrap as in a terminal
+    for _name in ("COLUMNS", "LINES"):
+        os.environ.pop(_name, None)
 ASSETS = Path(__file__).parent / "assets"
 PACKAGE_ASSETS = ROOT / "src" / "keizoku" / "assets"
 JA_SAMPLE = PACKAGE_ASSETS / "data" / "ja_sample.jsonl.gz"

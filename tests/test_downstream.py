@@ -262,12 +262,13 @@ def test_which_checkpoints_are_due(run, tasks):
 
 
 def test_the_settings_are_checked():
-    from keizoku.config import _check_downstream
+    from keizoku.config import ConfigError
 
-    cfg = load_config(None, ["model.hf_path=m", "data.mock=true", "train.max_steps=3", "eval.downstream.every=-1",
-                             "eval.downstream.tasks=[ja, '']", "eval.downstream.device=gpu",
-                             "eval.downstream.batch_size=0", "eval.downstream.profile_set=[walltime]"])
-    assert [e.split(":")[0] for e in _check_downstream(cfg.eval.downstream)] == [
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.hf_path=m", "data.mock=true", "train.max_steps=3", "eval.downstream.every=-1",
+                           "eval.downstream.tasks=[ja, '']", "eval.downstream.device=gpu",
+                           "eval.downstream.batch_size=0", "eval.downstream.profile_set=[walltime]"])
+    assert [line.split(":")[0] for line in str(e.value).splitlines()] == [
         "eval.downstream.tasks", "eval.downstream.every", "eval.downstream.batch_size", "eval.downstream.device",
         "eval.downstream.profile_set"]
 

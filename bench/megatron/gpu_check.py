@@ -384,8 +384,60 @@ def main() -> None:
     print(json.dumps({k: v for k, v in RESULTS.items() if not k.endswith("_loss")}, indent=1, default=str))
 
 
+def phases() -> None:
+    """Phases with engine megatron, one `keizoku train`: main (ja/en blend, warmup 3, constant, 10 steps) then anneal
+    (ja alone, linear to min_lr, 10 steps) as its own Bridge run (the process execs into it); the end of main kept in
+    RUN_DIR/phase-ends and exported from there after Bridge pruned its own copy; the logged LR of every step
+    against keizoku's plan; the same config with engine torch (the same samples), losses side by side."""
+    import yaml
+
+    prepare()
+    from keizoku.config import load_config
+    from keizoku.engines.megatron import versions
+    from keizoku.schedule import run_plan
+
+    RESULTS["megatron"] = str(versions.detect())
+
+    def phased(run: str, engine: str) -> Path:
+        path = config(run, engine=engine)
+        cfg = yaml.safe_load(path.read_text())
+        del cfg["train"]["max_steps"], cfg["schedule"]
+        cfg["checkpoint"] = {"interval": 5, "keep_last": 1}
+        cfg["eval"]["interval"] = 0
+        cfg["phases"] = [{"name": "main", "max_steps": 10, "warmup_steps": 3},
+                         {"name": "anneal", "max_steps": 10, "decay": "linear",
+                          "blend": [{"path": str(DATA / "ja_sample_text_document")}]}]
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    RESULTS["P_seconds"] = round(keizoku("train", phased("P", "megatron"), log="train_P", timeout=600), 1)
+    log = (OUT / "train_P.log").read_text()
+    RESULTS["P_exec_into_anneal"] = "starting phase anneal as its own Megatron-Bridge run" in log
+    train, evals = metrics("P")
+    plan = run_plan(load_config(WORK / "P/config.yaml"))
+    RESULTS["P_phases"] = {s: train[s].get("phase") for s in sorted(train)}
+    RESULTS["P_lr"] = {s: (train[s]["lr"], plan.lr_at(s - 1)) for s in sorted(train)}
+    RESULTS["P_lr_max_rel_diff"] = max(abs(a - b) / b for a, b in RESULTS["P_lr"].values())
+    RESULTS["P_evals"] = {s: (e.get("phase"), e.get("ja_loss")) for s, e in sorted(evals.items())}
+    RESULTS["P_checkpoints"] = sorted(p.name for p in (WORK / "P/checkpoints").iterdir())
+    RESULTS["P_phase_ends"] = sorted(p.name for p in (WORK / "P/phase-ends").iterdir()) \
+        if (WORK / "P/phase-ends").is_dir() else []
+    save()
+    keizoku("export", WORK / "P", "--out", WORK / "P-main-hf", "--step", "10", log="export_P_main")
+    RESULTS["P_export_main"] = json.loads((WORK / "P-main-hf/keizoku_export.json").read_text())
+    save()
+    RESULTS["Q_seconds"] = round(keizoku("train", phased("Q", "torch"), log="train_Q", timeout=600), 1)
+    q, _ = metrics("Q")
+    RESULTS["P_vs_torch_loss"] = {s: (round(train[s]["loss"], 5), round(q[s]["loss"], 5)) for s in sorted(train)}
+    RESULTS["P_vs_torch_max_loss_diff"] = max(abs(train[s]["loss"] - q[s]["loss"]) for s in train)
+    save()
+    print(json.dumps(RESULTS, indent=1, default=str))
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--extra"]:
+    if sys.argv[1:] == ["--phases"]:
+        phases()
+    elif sys.argv[1:] == ["--extra"]:
         prepare()
         extra()
     elif sys.argv[1:] == ["--parallel"]:

@@ -113,7 +113,7 @@ class Reporter:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         self.metrics: MetricsLogger | None = None
         self.valid: dict[str, Any] = {}
-        self.t0 = 0.0
+        self.t0, self.lr = 0.0, None
 
     def register(self, manager) -> None:
         for event in self.EVENTS:
@@ -143,6 +143,9 @@ class Reporter:
 
     def on_train_step_start(self, ctx) -> None:
         self.t0 = time.perf_counter()
+        # the rate this step's update uses: by the step's end Megatron's scheduler has moved on to the next step's
+        optimizer = getattr(ctx, "optimizer", None)
+        self.lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
 
     def on_train_step_end(self, ctx) -> None:
         import torch
@@ -151,7 +154,8 @@ class Reporter:
         if self.metrics is not None and (step % self.cfg.logging.interval == 0 or step == self.steps):
             loss = (ctx.loss_dict or {}).get("lm loss")
             self.metrics.log("train", step, train_record(
-                loss=None if loss is None else float(loss), lr=float(ctx.optimizer.param_groups[0]["lr"]),
+                loss=None if loss is None else float(loss),
+                lr=self.lr if self.lr is not None else float(ctx.optimizer.param_groups[0]["lr"]),
                 grad_norm=None if ctx.grad_norm is None else float(ctx.grad_norm),
                 step_s=time.perf_counter() - self.t0, tokens_per_step=self.tokens_per_step,
                 world=torch.distributed.get_world_size(), step=step,
