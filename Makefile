@@ -27,7 +27,7 @@ quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/keizoku quickstart --out $(OUT)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 clean:
 	rm -rf $(OUT) .pytest_cache build dist src/*.egg-info

@@ -117,3 +117,15 @@ def write_corpus(d: Path, ja: list[str], en: list[str], bad_lines: bool = False)
                                 + b'{"text": "the last line, without a newline"}')
     (d / "empty.jsonl").write_bytes(b"")
     return d
+
+
+# the longest test files first: `make test` runs files in two workers (pytest-xdist --dist loadfile), which take
+# them in collection order, so the long ones start early and no worker is left alone with one at the end
+LONGEST_FIRST = ("test_train.py", "test_checkpoint.py", "test_launch.py", "test_quickstart.py", "test_first_contact.py",
+                 "test_launch_gridengine.py", "test_launch_slurm.py", "test_phases.py", "test_export.py",
+                 "test_fault_errors.py", "test_downstream.py", "test_tokenize.py", "test_megatron.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order

@@ -155,3 +155,5 @@ def test_a_finished_run_extended_with_a_rewarm_follows_the_documented_schedule(s
     assert [r["phase"] for r in train[8:]] == ["extension-1"] * 6
     kept = {c.step: kept_reason(c.path) for c in committed_checkpoints(run)}
     assert kept == {8: "the end of the run before extension-1", 14: "the end of extension extension-1"}
+    status = keizoku("status", run).stdout  # the run's length includes its extension, from the run's own record
+    assert "step 14 of 14 · phase extension-1" in status, status

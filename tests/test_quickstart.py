@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,11 @@ def test_two_phase_example_end_to_end(quickstart, tmp_path):
     phases[1].update(max_steps=6)
     short = [f"phases={json.dumps(phases)}", "checkpoint.interval=2", "eval.interval=0"]
 
-    keizoku("train", example, "run_dir=runs/whole", *short, cwd=work)
+    tasks = tiny_task(tmp_path / "tasks")
+    # eval.downstream: every phase's end is evaluated by a detached `keizoku eval` while training goes on
+    downstream = [f"eval.downstream.tasks=[{TASK}]", f"eval.downstream.include_path={tasks}",
+                  "eval.downstream.every=100"]
+    keizoku("train", example, "run_dir=runs/whole", *short, *downstream, cwd=work)
     killed = keizoku("train", example, "run_dir=runs/killed", *short, cwd=work, check=False,
                      env={**os.environ, TEST_HOOK_ENV: "10:staging:kill"})
     assert killed.returncode != 0
@@ -122,7 +127,6 @@ def test_two_phase_example_end_to_end(quickstart, tmp_path):
     assert {c.step: kept_reason(c.path) for c in committed_checkpoints(run) if kept_reason(c.path)} == {
         6: "the end of phase main", 12: "the end of phase anneal"}
 
-    tasks = tiny_task(tmp_path / "tasks")
     keizoku("eval", run, "--tasks", TASK, "--include-path", tasks, cwd=work)
     scores = [r for r in metrics(run, "downstream")]
     assert [r["step"] for r in scores] == [12] and 0 <= scores[0][f"{TASK}/acc"] <= 1
@@ -143,3 +147,10 @@ def test_two_phase_example_end_to_end(quickstart, tmp_path):
     for img in images:
         assert img["complete"] and img["naturalWidth"] > 400 and 0.01 < img["ink"] < 0.6, img  # drawn on
     assert "main" in text and "anneal" in text
+
+    # the whole run's phase ends were evaluated in the background, and their scores logged beside its losses
+    deadline = time.monotonic() + 240
+    while len(metrics(whole, "downstream")) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted((whole / "logs").glob("eval-*.log")))
+    assert sorted(r["step"] for r in metrics(whole, "downstream")) == [6, 12], logs

@@ -62,7 +62,8 @@ names, and every older one still there, are complete (Megatron-Bridge prunes the
 
 **Exit status** (``ExitCode``) of ``keizoku train``, the launch agent and driver, and so of a job script, which
 ``exec``s the driver: 0 done; 1 failed; 2 bad configuration or arguments; 3 stopped on request after saving a
-checkpoint — run again, or let the next job of a chain run, to resume; 130 interrupted (Ctrl-C); 128 + N killed
+checkpoint (or, engine megatron under a launcher, at the end of a phase whose successor is its own Bridge run) —
+run again, or let the next job of a chain run, to resume; 130 interrupted (Ctrl-C); 128 + N killed
 by signal N.
 
 Standard library only, Python >= 3.8: the launch driver reads this module on a compute node's own ``python3``,

@@ -414,8 +414,9 @@ def status(
                   highlight=False, markup=False, soft_wrap=True)
     if s.last:
         total = f" of {s.total_steps}" if s.total_steps else ""
-        out.print(f"step {s.last['step']}{total} · loss {s.last['loss']:.4f} · tokens {s.last['tokens']:,}",
-                  highlight=False)
+        phase = f" · phase {s.last['phase']}" if s.last.get("phase") else ""
+        out.print(f"step {s.last['step']}{total}{phase} · loss {s.last['loss']:.4f} · tokens {s.last['tokens']:,}",
+                  highlight=False, markup=False)
     else:
         out.print("no training step recorded yet", highlight=False)
     out.print(f"latest checkpoint: {s.checkpoint or 'none'}", highlight=False, soft_wrap=True)
