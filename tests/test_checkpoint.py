@@ -23,7 +23,7 @@ from conftest import keizoku, tiny_llama_and_data
 from test_train import _wait_for, config, final_weights, metrics
 
 from keizoku.engines.torch.checkpoint import TEST_HOOK_ENV
-from keizoku.rundir import committed_checkpoints
+from keizoku.rundir import committed_checkpoints, read_jsonl
 
 STEPS, INTERVAL = 20, 5
 # every checkpoint kept, no evaluation: the runs compare checkpoints, and run quickly
@@ -98,14 +98,17 @@ def test_sigterm_while_a_save_is_in_flight_waits_saves_and_resumes(setup, whole,
 
 
 def test_saving_in_the_background_writes_what_saving_in_place_writes(setup, whole, tmp_path):
-    """Training goes on while a save is written (the write of step 5 pauses 2 s mid-way), yet every checkpoint —
-    model, optimizer, trainer state — equals the one a run that saves before going on (``checkpoint.background=false``)
-    writes."""
+    """Training goes on while a save is written (the write of step 5 is held mid-way until training has logged step
+    7), yet every checkpoint — model, optimizer, trainer state — equals the one a run that saves before going on
+    (``checkpoint.background=false``) writes."""
     paused = tmp_path / "paused"
-    proc = _start_with(config(setup, paused, **COMMON), hooked("5:writing:sleep=2"))
+    go = tmp_path / "go"
+    proc = _start_with(config(setup, paused, **COMMON), hooked(f"5:writing:until={go}"))
+    logged = lambda: [r["step"] for r in read_jsonl(paused / "metrics.jsonl") if r.get("kind") == "train"]  # noqa: E731
+    _wait_for(lambda: max(logged(), default=0) >= 7, proc, "step 7 while step 5 is being written")
+    assert not (paused / "checkpoints/step_00000005").exists()  # still held: training did not wait for it
+    go.touch()
     _wait_for(lambda: (paused / "checkpoints/step_00000005").exists(), proc, "the step-5 checkpoint")
-    trained_on = metrics(paused, "train")[-1]["step"]
-    assert trained_on >= 7, "training waited for the write"
     assert proc.wait(timeout=120) == 0
     in_place = tmp_path / "in-place"
     keizoku("train", config(setup, in_place, **COMMON), "eval.at_start=false", "checkpoint.background=false")

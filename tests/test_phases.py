@@ -157,3 +157,13 @@ def test_a_finished_run_extended_with_a_rewarm_follows_the_documented_schedule(s
     assert kept == {8: "the end of the run before extension-1", 14: "the end of extension extension-1"}
     status = keizoku("status", run).stdout  # the run's length includes its extension, from the run's own record
     assert "step 14 of 14 · phase extension-1" in status, status
+
+
+def test_config_check_shows_the_example_phase_by_phase():
+    """The example's phases, as `keizoku config check` prints them after the resolved config (YAML comments: the
+    output still loads as a config)."""
+    example = Path(__file__).resolve().parents[1] / "examples/ja_cpt_two_phase.yaml"
+    out = keizoku("config", "check", example, "--no-inputs").stdout
+    assert "#   phase main: steps 1-40 (40 steps, 81,920 tokens); LR warmup 4 from 0 to 0.002, constant" in out
+    assert "#   phase anneal: steps 41-60 (20 steps, 40,960 tokens); LR from 0.002, linear to 0.0002" in out
+    assert [p["name"] for p in yaml.safe_load(out)["phases"]] == ["main", "anneal"]

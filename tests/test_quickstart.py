@@ -89,8 +89,9 @@ def test_refuses_a_directory_it_did_not_make(tmp_path):
 def test_two_phase_example_end_to_end(quickstart, tmp_path):
     """examples/ja_cpt_two_phase.yaml on the quickstart's data, from the directory that holds quickstart-out/ (its
     phases shortened to 6 + 6 steps for the suite's time; same blends, warmup and decay): a kill -9 mid-anneal
-    resumes to the uninterrupted run's weights bit for bit, `keizoku eval` scores the result on a local lm-eval
-    task, and `keizoku report` of both runs renders its plots in headless Chromium."""
+    resumes to the uninterrupted run's weights bit for bit, `keizoku eval` (started by eval.downstream at each
+    phase's end) scores the result on a local lm-eval task, and `keizoku report` of both runs renders its plots,
+    the scores among them, in headless Chromium."""
     from test_downstream import TASK, tiny_task
     from test_report import IMAGES_JS, _browser
     from test_train import final_weights, metrics
@@ -127,14 +128,20 @@ def test_two_phase_example_end_to_end(quickstart, tmp_path):
     assert {c.step: kept_reason(c.path) for c in committed_checkpoints(run) if kept_reason(c.path)} == {
         6: "the end of phase main", 12: "the end of phase anneal"}
 
-    keizoku("eval", run, "--tasks", TASK, "--include-path", tasks, cwd=work)
-    scores = [r for r in metrics(run, "downstream")]
-    assert [r["step"] for r in scores] == [12] and 0 <= scores[0][f"{TASK}/acc"] <= 1
-    assert json.loads((run / "eval/step_00000012/results.json").read_text())["results"][TASK]["acc,none"] == \
-        scores[0][f"{TASK}/acc"]
+    # `keizoku eval` of the whole run's phase ends, started in the background by eval.downstream as each was saved
+    deadline = time.monotonic() + 240
+    while len(metrics(whole, "downstream")) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted((whole / "logs").glob("eval-*.log")))
+    scores = metrics(whole, "downstream")
+    assert sorted(r["step"] for r in scores) == [6, 12], logs
+    final = next(r for r in scores if r["step"] == 12)
+    assert 0 <= final[f"{TASK}/acc"] <= 1
+    assert json.loads((whole / "eval/step_00000012/results.json").read_text())["results"][TASK]["acc,none"] == \
+        final[f"{TASK}/acc"]
 
-    page = Path(keizoku("report", run, whole, cwd=work).stdout.strip())
-    assert page == run / "report.html"
+    page = Path(keizoku("report", whole, run, cwd=work).stdout.strip())
+    assert page == whole / "report.html"
     browser = _browser()
     try:
         browser.get(page.absolute().as_uri())
@@ -147,10 +154,3 @@ def test_two_phase_example_end_to_end(quickstart, tmp_path):
     for img in images:
         assert img["complete"] and img["naturalWidth"] > 400 and 0.01 < img["ink"] < 0.6, img  # drawn on
     assert "main" in text and "anneal" in text
-
-    # the whole run's phase ends were evaluated in the background, and their scores logged beside its losses
-    deadline = time.monotonic() + 240
-    while len(metrics(whole, "downstream")) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    logs = "\n".join(p.read_text()[-2000:] for p in sorted((whole / "logs").glob("eval-*.log")))
-    assert sorted(r["step"] for r in metrics(whole, "downstream")) == [6, 12], logs

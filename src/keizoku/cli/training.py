@@ -290,3 +290,10 @@ def config_check(
     if problems:
         raise typer.Exit(ExitCode.FAILED)
     print(to_yaml(cfg), end="")
+    if cfg.phases or cfg.extensions:  # what the phases come to, as YAML comments (the output stays a config)
+        from keizoku.schedule import run_plan
+
+        per_step = cfg.train.global_batch_size * cfg.data.seq_length
+        print("# the run, segment by segment:")
+        for seg in run_plan(cfg).segments:
+            print(f"#   {seg.describe(per_step)}")

@@ -310,7 +310,8 @@ def _test_hook(step: int, phase: str) -> None:
     """``KEIZOKU_TEST_CHECKPOINT_HOOK=STEP:PHASE:ACTION[:RANK]``: at PHASE of the save of STEP (``staging``: the
     staging directory and RNG written, nothing copied; ``writing``: in the middle of DCP's write; ``commit``: every
     rank's write done, nothing committed), on RANK or every rank, kill this process (``kill``: SIGKILL) or pause
-    (``sleep=SECONDS``). Lets tests kill a save at a chosen instant without touching DCP."""
+    (``sleep=SECONDS``; ``until=PATH``: until PATH exists, at most 5 minutes). Lets tests kill or hold a save at a
+    chosen instant without touching DCP."""
     spec = os.environ.get(TEST_HOOK_ENV)
     if not spec:
         return
@@ -319,7 +320,13 @@ def _test_hook(step: int, phase: str) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(float(action.split("=")[1]))
+    kind, _, value = action.partition("=")
+    if kind == "until":
+        deadline = time.monotonic() + 300
+        while not os.path.exists(value) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
+    time.sleep(float(value))
 
 
 def _planner(step: int):
