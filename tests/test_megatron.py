@@ -523,6 +523,35 @@ def test_reporter_registers_with_bridges_callback_manager(bridge, setup):
         assert manager.has_callbacks(event), event
 
 
+def test_a_step_logs_the_rate_its_update_used_and_its_phase(setup, tmp_path):
+    """Bridge steps its LR scheduler inside the step: at on_train_step_end the optimizer already holds the next
+    step's rate. The record has the rate read at the step's start (the one the update used), and the phase."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from keizoku.engines.megatron.reporting import Reporter, WalltimeRelay
+    from keizoku.metrics import MetricsLogger
+    from keizoku.rundir import read_jsonl
+
+    cfg = load_config(None, overrides(setup, f"run_dir={tmp_path}"))
+    reporter = Reporter(cfg, 20, WalltimeRelay(True, signals=()), phase="anneal")
+    reporter.metrics = MetricsLogger(tmp_path, console=False)
+    groups = [{"lr": 2e-3}]
+    ctx = SimpleNamespace(state=SimpleNamespace(train_state=SimpleNamespace(step=4)), loss_dict={"lm loss": 3.5},
+                          grad_norm=0.7, optimizer=SimpleNamespace(param_groups=groups))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        reporter.on_train_step_start(ctx)
+        groups[0]["lr"] = 1.5e-3  # the scheduler's step, inside Bridge's train step
+        reporter.on_train_step_end(ctx)
+    finally:
+        dist.destroy_process_group()
+        reporter.metrics.close()
+    [record] = read_jsonl(tmp_path / "metrics.jsonl")
+    assert (record["step"], record["lr"], record["loss"], record["phase"]) == (5, 2e-3, 3.5, "anneal")
+
+
 def test_metrics_records_have_the_torch_engines_schema(setup, tmp_path):
     """metrics.jsonl of engine: megatron (reporting.train_record, keizoku.metrics) has the keys a real engine: torch
     run writes, for two validation sets and the evaluation before step 1."""

@@ -24,8 +24,8 @@ The ``downstream`` record: ``{"kind": "downstream", "step": N, "<task>/<metric>"
 
 **While training** (``eval.downstream``: ``tasks`` and ``every``): the trainer's logging rank calls
 ``after_checkpoint(cfg, run_dir, step)`` once the checkpoint of ``step`` is published. It returns at once: a
-checkpoint is due when its step is a multiple of ``every × checkpoint.interval``, or the run's last step
-(``is_due``: by step, so it holds across restarts, pruning and stop-saves, which are not due unless they fall on
+checkpoint is due when its step is a multiple of ``every × checkpoint.interval``, the end of a phase or extension,
+or the run's last step (``is_due``: by step, so it holds across restarts, pruning and stop-saves, which are not due unless they fall on
 such a step). A due checkpoint is evaluated
 
 - on a local run (no batch scheduler's job): by ``keizoku eval RUN_DIR --step N`` in a process of its own, in a new

@@ -11,7 +11,7 @@ from keizoku.cli import data, evaluate, launch, report, training  # noqa: F401 -
 from keizoku.cli.app import app
 
 # `keizoku --help` lists the commands in the order of the pipeline
-ORDER = ["quickstart", "tokenize", "tokenize_merge", "inspect", "train", "extend", "export", "eval", "launch", "submit",
+ORDER = ["quickstart", "tokenize", "tokenize-merge", "inspect", "train", "extend", "export", "eval", "launch", "submit",
          "status", "report"]
 app.registered_commands.sort(key=lambda c: ORDER.index(c.name or c.callback.__name__)
                              if (c.name or c.callback.__name__) in ORDER else len(ORDER))
