@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import keizoku, tiny_llama_and_data
-from test_train import _wait_for, config, final_weights, metrics
+from test_train import _wait_for, config, final_weights
 
 from keizoku.engines.torch.checkpoint import TEST_HOOK_ENV
 from keizoku.rundir import committed_checkpoints, read_jsonl

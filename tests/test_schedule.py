@@ -84,6 +84,10 @@ def test_phases_chain_their_rates_and_lengths():
         ("main", "phase", 0, 0, 10), ("anneal", "phase", 1, 10, 6)]  # max_tokens: whole global batches, rounded up
     assert run_length(cfg).steps == 16 and run_length(cfg).tokens == 16 * 64
     assert [s.blend[0].path for s in plan.segments] == ["main", "hq"]  # a phase without blend: data.blend
+    assert [s.blend_key for s in plan.segments] == ["data.blend", "phases[1].blend"]  # what messages name
+    cfg.extensions = [PhaseConfig(name="more", max_steps=2)]
+    assert [(s.blend[0].path, s.blend_key) for s in run_plan(cfg).segments][2] == ("hq", "phases[1].blend")
+    cfg.extensions = []
     rates = [plan.lr_at(k) for k in range(16)]
     assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # warmup from 0, as a run without phases
     assert rates[4:10] == [1e-3] * 6

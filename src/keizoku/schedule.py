@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from keizoku.config import DatasetEntry, KeizokuConfig, OptimConfig, PhaseConfig, ScheduleConfig
 
@@ -99,6 +100,7 @@ class Segment:
     schedule: LRSchedule  # counted from the segment's first step
     blend: list[DatasetEntry] = field(default_factory=list)
     validation: dict[str, list[DatasetEntry]] = field(default_factory=dict)
+    blend_key: str = "data.blend"  # the config key its blend comes from, for messages: phases[1].blend, ...
 
     @property
     def end_step(self) -> int:
@@ -163,13 +165,14 @@ def run_plan(cfg: KeizokuConfig) -> RunPlan:
         steps = _steps(t.max_steps, t.max_tokens, per_step)
         segments.append(Segment("run", "run", 0, 0, steps, LRSchedule.of(cfg.optim, cfg.schedule, steps),
                                 list(cfg.data.blend), dict(cfg.data.validation)))
-    for kind, phases in (("phase", cfg.phases), ("extension", cfg.extensions)):
-        for ph in phases:
-            segments.append(_segment(cfg, ph, kind, segments[-1] if segments else None, per_step))
+    for kind, section, phases in (("phase", "phases", cfg.phases), ("extension", "extensions", cfg.extensions)):
+        for i, ph in enumerate(phases):
+            segments.append(_segment(cfg, ph, kind, f"{section}[{i}]", segments[-1] if segments else None, per_step))
     return RunPlan(tuple(segments), cfg.optim.lr)
 
 
-def _segment(cfg: KeizokuConfig, ph: PhaseConfig, kind: str, before: Segment | None, per_step: int) -> Segment:
+def _segment(cfg: KeizokuConfig, ph: PhaseConfig, kind: str, key: str, before: Segment | None,
+             per_step: int) -> Segment:
     steps = _steps(ph.max_steps, ph.max_tokens, per_step)
     where = before.schedule.lr_at(before.steps - 1) if before is not None else 0.0
     lr = ph.lr if ph.lr is not None else (where if before is not None else cfg.optim.lr)
@@ -178,18 +181,18 @@ def _segment(cfg: KeizokuConfig, ph: PhaseConfig, kind: str, before: Segment | N
                           max(steps - 1, warmup), warmup_from=where)
     extension = before is not None and kind == "extension"  # by default, more of what the run ended on
     blend = list(ph.blend) or (list(before.blend) if extension else list(cfg.data.blend))
+    blend_key = f"{key}.blend" if ph.blend else before.blend_key if extension else "data.blend"
     validation = dict(ph.validation) if ph.validation is not None else \
         dict(before.validation) if extension else dict(cfg.data.validation)
     return Segment(ph.name, kind, before.index + 1 if before is not None else 0,
-                   before.end_step if before is not None else 0, steps, schedule, blend, validation)
+                   before.end_step if before is not None else 0, steps, schedule, blend, validation, blend_key)
 
 
-def write_plan(plan: RunPlan, run_dir, tokens_per_step: int) -> "Path":
+def write_plan(plan: RunPlan, run_dir, tokens_per_step: int) -> Path:
     """RUN_DIR/schedule.json (``RunPlan.to_json``) and RUN_DIR/schedule.png: the rate over the run's steps, each
     segment shaded and named. Returns the plot's path."""
     import io
     import json
-    from pathlib import Path
 
     from keizoku.rundir import write_atomic
 

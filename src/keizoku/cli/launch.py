@@ -325,7 +325,6 @@ def submit_eval(
     from keizoku.downstream import EVAL_JOB_SETTINGS, EvalError, default_out, expand_tasks, resolve
     from keizoku.errors import KeizokuError
     from keizoku.launch.schedulers import scheduler_named
-    from keizoku.launch.submit import SubmitError
     from keizoku.launch.submit import submit_eval as submit_job
 
     try:
@@ -355,10 +354,7 @@ def submit_eval(
                             dry_run=dry_run, name=name, log=log,
                             command=shlex.join(["keizoku", "submit", "eval",
                                                 *sys.argv[3 if sys.argv[1:3] == ["submit", "eval"] else 2:]]))
-    except SubmitError as e:
-        error(str(e))
-        raise typer.Exit(ExitCode.FAILED) from None
-    except (KeizokuError, OSError) as e:
+    except (KeizokuError, OSError) as e:  # SubmitError among them: the scheduler refused the job
         error(str(e))
         raise typer.Exit(ExitCode.FAILED) from None
     if dry_run:

@@ -158,16 +158,6 @@ def segment_data(cfg: KeizokuConfig, segment) -> DataConfig:
     return replace(cfg.data, blend=list(segment.blend), validation=dict(segment.validation))
 
 
-def segment_key(cfg: KeizokuConfig, segment) -> str:
-    """The config key a segment's blend comes from, for messages."""
-    if segment.kind == "run" or not (cfg.phases if segment.kind == "phase" else cfg.extensions):
-        return "data.blend"
-    phases = cfg.phases if segment.kind == "phase" else cfg.extensions
-    i = next(i for i, ph in enumerate(phases) if ph.name == segment.name)
-    section = "phases" if segment.kind == "phase" else "extensions"
-    return f"{section}[{i}].blend" if phases[i].blend else "data.blend"
-
-
 def build_validation(data: DataConfig, *, seq_length: int, eval_samples: int, tokenizer: MegatronTokenizerShim,
                      cache_dir: str | Path) -> dict:
     """{validation name: dataset} of ``data.validation``, ``eval_samples`` samples each (both engines use this, so

@@ -45,7 +45,7 @@ from typing import Any
 from keizoku.config import KeizokuConfig
 from keizoku.data.blend import sample_cache_dir
 from keizoku.rundir import RunDir
-from keizoku.schedule import LRSchedule, Segment, run_length, run_plan
+from keizoku.schedule import LRSchedule, Segment, run_length
 
 FP8_PRESETS = {
     "tensorwise": "bf16_with_fp8_current_scaling_mixed",

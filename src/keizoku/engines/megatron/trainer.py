@@ -69,7 +69,7 @@ def train(cfg: KeizokuConfig, allow_changes: bool = False) -> int:
     run_cfg = cfg if segment is None else _segment_config(cfg, segment)
     tokens = length.tokens if segment is None else segment.steps * cfg.train.global_batch_size * cfg.data.seq_length
     train_blend, valid_blend = _blends(run_cfg, tokens, found, evaluated_by_keizoku=callbacks,
-                                       key="data.blend" if segment is None else blend.segment_key(cfg, segment))
+                                       key="data.blend" if segment is None else segment.blend_key)
     p = plan.plan_megatron(run_cfg, release=found.release, world_size=world, train_blend=train_blend,
                            valid_blend=valid_blend, pretrained_checkpoint=pretrained, segment=segment)
     if rank == 0:

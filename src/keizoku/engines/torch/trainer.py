@@ -257,7 +257,7 @@ class Trainer:
                            train_samples=segment.end_step * cfg.train.global_batch_size,
                            budget_tokens=segment.steps * self.tokens_per_step, eval_samples=self.eval_samples,
                            tokenizer=blend.run_tokenizer(cfg), cache_dir=blend.sample_cache_dir(cfg),
-                           key=blend.segment_key(cfg, segment), seed=cfg.data.seed + segment.index)
+                           key=segment.blend_key, seed=cfg.data.seed + segment.index)
 
     def _segment_batches(self):
         """The current segment's micro batches from where the run is. Making the loader draws a seed from the RNG:
